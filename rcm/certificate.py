@@ -9,6 +9,18 @@ and then any extra columns (``sigma n0 n alpha count_a p_a_lower flops ...``). `
 ABSTAIN, ``correct`` is 1 iff ``predict == label``, ``radius`` is an L2 radius in [0, 1] pixel units
 written at full precision, ``time`` is seconds. Published logs write ``time`` as an ``H:MM:SS.ffffff``
 duration; the reader accepts both.
+
+The reader also takes the logs that the four papers' public code writes, as they are
+(``read_certificate(...).attrs["format"]`` says which it recognised):
+
+- ``cohen``: Cohen et al.'s ``certify.py`` (and ours): the header above, ``correct`` 0/1.
+- ``carlini``: Carlini et al.'s denoised-smoothing ``certify.py``: the same header, but ``correct``
+  holds the running count of correct predictions so far; it is read back as 0/1 per row.
+- ``multiscale``: Jeong & Shin's ``certify.py``: ``idx label predict radius r_neg correct pred_uc
+  corr_uc stage time``; ``predict`` = -2 (a cascade stage that could not decide) is an abstention.
+- ``rrcm``: Lei et al.'s ``certify.py``: no header and no idx, ``label predict radius correct time``;
+  ``idx`` becomes the row number (that code certifies a seeded random order of the test set, the same
+  order in each of its per-sigma files).
 """
 
 from __future__ import annotations
@@ -26,6 +38,8 @@ from rcm.errors import CertificateError
 
 COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 ABSTAIN = -1
+RRCM_COLUMNS = ("label", "predict", "radius", "correct", "time")  # headerless, one per row
+MULTISCALE_UNDECIDED = -2  # Jeong & Shin's cascade: a stage's bounds straddle the threshold
 _INT_COLUMNS = ("idx", "label", "predict", "correct")
 
 # "0:00:14.114881", "12:03:07", and str(timedelta) of a day or more: "1 day, 2:03:04.5"
@@ -114,12 +128,12 @@ def parse_seconds(text: str) -> float:
 
 
 def _bad(path: Path, frame: pd.DataFrame, mask, column: str, why: str) -> CertificateError:
-    """Error naming the first offending data row by its line number in the file (header = line 1)."""
+    """Error naming the first offending data row by its line number in the file (a header is line 1)."""
     pos = int(np.flatnonzero(np.asarray(mask))[0])
     value = frame[column].iloc[pos]
     count = int(np.asarray(mask).sum())
     more = f" ({count - 1} more row(s) like it)" if count > 1 else ""
-    return CertificateError(f"{path}: line {pos + 2}: column '{column}' = {value!r}: {why}{more}")
+    return CertificateError(f"{path}: line {pos + frame.attrs.get('first_line', 2)}: column '{column}' = {value!r}: {why}{more}")
 
 
 def _floats(texts) -> np.ndarray:
@@ -166,24 +180,57 @@ def _to_time(path: Path, raw: pd.DataFrame) -> np.ndarray:
     return out
 
 
-def read_certificate(path: str | Path) -> pd.DataFrame:
-    """Read one certificate TSV (ours, or a published log in Cohen et al.'s format).
+def _looks_like_data(cells: list[str]) -> bool:
+    """True if every cell of a first line is a number or a duration: a headerless log."""
+    for cell in cells:
+        try:
+            parse_seconds(cell) if ":" in cell else float(cell)
+        except ValueError:
+            return False
+    return True
 
-    Returns a DataFrame with ``COLUMNS`` first (idx, label, predict, correct as int64; radius and
-    time as float64, time in seconds) and then any extra columns, numeric where they parse as numbers.
-    Raises CertificateError naming the file and the missing columns or the first bad line when the
-    file is missing, lacks a required column, holds a malformed value, repeats an idx, or has a
-    ``correct`` that disagrees with ``predict == label``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CertificateError(f"{path}: no such certificate file")
+
+def _read_raw(path: Path) -> tuple[pd.DataFrame, str]:
+    """The file's cells as text with named columns, and its format ('rrcm' when headerless)."""
     try:
-        raw = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+        raw = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, header=None)
     except pd.errors.EmptyDataError:
         raise CertificateError(f"{path}: empty file (not even a header)") from None
     except pd.errors.ParserError as exc:
         raise CertificateError(f"{path}: not a tab-separated table: {exc}") from None
+    first = [str(c).strip() for c in raw.iloc[0]]
+    if _looks_like_data(first):
+        if len(first) != len(RRCM_COLUMNS):
+            raise CertificateError(
+                f"{path}: no header line, and {len(first)} columns where the headerless rRCM log has "
+                f"{len(RRCM_COLUMNS)} ({' '.join(RRCM_COLUMNS)}); expected a tab-separated header "
+                f"{' '.join(COLUMNS)} first")
+        raw.columns = list(RRCM_COLUMNS)
+        raw.insert(0, "idx", [str(i) for i in range(len(raw))])
+        raw = raw.reset_index(drop=True)
+        raw.attrs["first_line"] = 1
+        return raw, "rrcm"
+    raw = raw.iloc[1:].reset_index(drop=True)
+    raw.columns = first
+    if len(set(first)) != len(first):
+        raise CertificateError(f"{path}: the header repeats a column: {' '.join(first)}")
+    return raw, ("multiscale" if "stage" in first and "r_neg" in first else "cohen")
+
+
+def read_certificate(path: str | Path) -> pd.DataFrame:
+    """Read one certificate TSV (ours, or a published log of any of the four papers' code).
+
+    Returns a DataFrame with ``COLUMNS`` first (idx, label, predict, correct as int64; radius and
+    time as float64, time in seconds) and then any extra columns, numeric where they parse as numbers;
+    ``attrs["format"]`` names the layout recognised (module docstring). Raises CertificateError naming
+    the file and the missing columns or the first bad line (and its column) when the file is missing,
+    lacks a required column, holds a malformed value, repeats an idx, or has a ``correct`` that is
+    neither 0/1 agreeing with ``predict == label`` nor the running count of it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CertificateError(f"{path}: no such certificate file")
+    raw, fmt = _read_raw(path)
     raw.columns = [str(c).strip() for c in raw.columns]
     missing = [c for c in COLUMNS if c not in raw.columns]
     if missing:
@@ -200,11 +247,23 @@ def read_certificate(path: str | Path) -> pd.DataFrame:
     frame["time"] = _to_time(path, raw)
     frame = frame[list(COLUMNS)]
 
+    if fmt == "multiscale":
+        frame.loc[frame["predict"] == MULTISCALE_UNDECIDED, "predict"] = ABSTAIN
+    right = ((frame["predict"] == frame["label"]) & (frame["predict"] != ABSTAIN)).astype(np.int64)
+    # Carlini et al.'s log: the running count, read back per row. Only a count that reaches 2 is
+    # taken for one: a 0/1 column that merely disagrees with predict == label stays an error.
+    if fmt == "cohen" and len(frame) and frame["correct"].max() >= 2:
+        off = frame["correct"] != right.cumsum()
+        if off.any():
+            raise _bad(path, raw, off.to_numpy(), "correct", "is neither 0/1 nor the running count of "
+                       "predict == label (Carlini et al.'s log), which it departs from here")
+        frame["correct"] = right
+        fmt = "carlini"
+
     checks = [
-        (~frame["correct"].isin([0, 1]), "correct", "must be 0 or 1"),
         (frame["predict"] < ABSTAIN, "predict", "must be a class index or -1 (abstain)"),
-        (frame["correct"] != ((frame["predict"] == frame["label"]) & (frame["predict"] != ABSTAIN)),
-         "correct", "disagrees with predict == label"),
+        (~frame["correct"].isin([0, 1]), "correct", "must be 0 or 1 (or the running count of correct rows)"),
+        (frame["correct"] != right, "correct", "disagrees with predict == label"),
         (frame["idx"].duplicated(keep="first"), "idx", "repeats an earlier row"),
     ]
     for mask, column, why in checks:
@@ -216,6 +275,7 @@ def read_certificate(path: str | Path) -> pd.DataFrame:
             continue
         frame[column] = _extra_column(raw[column].tolist())
     frame.attrs["sources"] = [str(path)]
+    frame.attrs["format"] = fmt
     return frame
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from rcm.atomic import atomic_path, write_text
-from rcm.certificate import ABSTAIN, merge_shards
+from rcm.certificate import ABSTAIN, merge_shards, read_certificate
 from rcm.errors import CertificateError
 from rcm.options import add_options, from_args, option
 from rcm.paths import CASCADE, METHODS, fmt_sigma
@@ -42,7 +42,11 @@ from rcm.paths import CASCADE, METHODS, fmt_sigma
 DEFAULT_RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
 _SHARD = re.compile(r"^shard_(\d+)-of-(\d+)\.tsv$")
 _MERGED = re.compile(r"^(.+)_sigma_(.+)\.tsv$")  # a merged '{method}_sigma_{s}.tsv', e.g. one a user concatenated
-_STEM_SIGMA = re.compile(r"sigma_(\d*\.?\d+)$")  # e.g. published 'noise_0.25_sigma_0.25'
+# a file name's noise level: Cohen et al.'s 'sigma_0.25' (no extension), 'noise_0.25_sigma_0.25.tsv',
+# Jeong & Shin's 'sigma_0.25_N10k.tsv', Lei et al.'s 'certify_result_0.25.txt'
+_STEM_SIGMA = re.compile(r"(?:sigma|certify_result)_(\d*\.?\d+)(?:_N\d+k?)?$")
+# an extension is a word ('.tsv', '.txt', '.log'); Cohen et al.'s 'sigma_0.25' has none, not '.25'
+_EXTENSION = re.compile(r"^\.[A-Za-z][A-Za-z0-9]*$")
 
 
 @dataclasses.dataclass
@@ -115,9 +119,30 @@ def _entry_key(path: Path) -> tuple[str, str | None, float | str | None, int | N
     return str(path.resolve()), None, None, None
 
 
+def file_label(path: Path) -> str:
+    """A file's name without its extension, where it has a real one (see _EXTENSION)."""
+    return path.stem if _EXTENSION.match(path.suffix) else path.name
+
+
+def distinct_labels(paths: Sequence[Path]) -> list[str]:
+    """Names for standalone files: the file label, extended by as many parent folders (joined with
+    '/') as it takes to tell apart files whose labels collide, e.g. Cohen et al.'s
+    'noise_0.25/test/sigma_0.25' and 'noise_0.50/test/sigma_0.25'."""
+    parts = [[*Path(p).resolve().parent.parts[1:], file_label(Path(p))] for p in paths]
+    depth = [1] * len(paths)
+    while True:
+        names = ["/".join(q[-d:]) for q, d in zip(parts, depth)]
+        clash = {n for n in names if names.count(n) > 1}
+        grow = [i for i, n in enumerate(names) if n in clash and depth[i] < len(parts[i])]
+        if not grow:
+            return names
+        for i in grow:
+            depth[i] += 1
+
+
 def entry_name(method: str | None, sigma: float | str | None, path: Path) -> str:
     if method is None:
-        return path.stem
+        return file_label(path)
     return f"{method}_{CASCADE}" if sigma == CASCADE else f"{method}_sigma_{fmt_sigma(sigma)}"
 
 
@@ -127,7 +152,7 @@ def _sigma_from_file(frame: pd.DataFrame, path: Path) -> float | None:
         values = pd.to_numeric(frame["sigma"], errors="coerce").dropna().unique()
         if len(values) == 1:
             return float(values[0])
-    m = _STEM_SIGMA.search(path.stem)
+    m = _STEM_SIGMA.search(file_label(path))
     return float(m.group(1)) if m else None
 
 
@@ -148,7 +173,8 @@ def load_entries(files: Sequence[str | Path], baselines: Sequence[str | Path] = 
 
     Shards ``shard_k-of-N.tsv`` of one ``{method}/sigma_{s}`` folder become one entry named
     ``{method}_sigma_{s}`` (or ``{method}_cascade``); every other file is its own entry named after
-    the file. ``names``, if given, renames the entries in that order (files first, then baselines).
+    the file (``distinct_labels``: without a real extension, with parent folders where names would
+    collide). ``names``, if given, renames the entries in that order (files first, then baselines).
     """
     groups: OrderedDict[str, dict] = OrderedDict()
     for path, baseline in [(Path(f), False) for f in files] + [(Path(f), True) for f in baselines]:
@@ -173,6 +199,9 @@ def load_entries(files: Sequence[str | Path], baselines: Sequence[str | Path] = 
                              paths=paths, method=group["method"], sigma=sigma,
                              baseline=group["baseline"]))
 
+    standalone = [e for e in entries if e.method is None]
+    for entry, label in zip(standalone, distinct_labels([e.paths[0] for e in standalone])):
+        entry.name = label
     if names:
         if len(names) != len(entries):
             listing = ", ".join(e.name for e in entries)
@@ -435,11 +464,11 @@ def _sha256(path: Path) -> str:
 
 
 def sources(entries: Sequence[Entry]) -> str:
-    lines = ["# rcm report: every certificate file read (entry, path, rows, sha256)"]
+    lines = ["# rcm report: every certificate file read (entry, path, rows, sha256, format read as)"]
     for e in entries:
         for p in e.paths:
-            rows = sum(1 for _ in p.open()) - 1
-            lines.append(f"{e.name}\t{p}\t{rows}\t{_sha256(p)}")
+            frame = read_certificate(p)
+            lines.append(f"{e.name}\t{p}\t{len(frame)}\t{_sha256(p)}\t{frame.attrs['format']}")
     return "\n".join(lines) + "\n"
 
 

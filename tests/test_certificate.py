@@ -145,7 +145,7 @@ def test_missing_file_and_missing_columns_name_the_file(tmp_path):
     ("1\t2\t2\t0.5\t1\tlater", "time", "H:MM:SS"),
     ("1\t2\t3\t0.5\t1\t1.0", "correct", "disagrees with predict == label"),
     ("1\t2\t-1\t0.0\t1\t1.0", "correct", "disagrees"),
-    ("1\t2\t2\t0.5\t2\t1.0", "correct", "0 or 1"),
+    ("1\t2\t2\t0.5\t3\t1.0", "correct", "neither 0/1 nor the running count"),  # 2 would be one
     ("0\t2\t2\t0.5\t1\t1.0", "idx", "repeats"),
 ])
 def test_a_malformed_row_names_its_line(tmp_path, line, column, why):
