@@ -1,14 +1,16 @@
 # rcm: randomized-smoothing certification of four methods side by side (docs/workflow.md).
 #
-#   snakemake --workflow-profile workflow/profiles/default --cores 2     # the embedded digits config
-#   snakemake --workflow-profile workflow/profiles/default --cores 2 --configfile .test/config.yaml
-#   snakemake --workflow-profile workflow/profiles/default --profile workflow/profiles/slurm \
-#             --configfile config/cifar10.yaml                             # on a SLURM cluster
+#   snakemake --cores 2                                   # the embedded digits config
+#   snakemake --cores 2 --configfile .test/config.yaml    # the tiny CI config
+#   snakemake --profile profiles/slurm --configfile config/cifar10.yaml   # on a SLURM cluster
 #
-# Every rule is a thin call of the `rcm` command; output paths come from rcm.paths, the same
-# functions the command uses, and dvc.yaml declares the same stages for `dvc repro`. The config
-# is validated against workflow/schemas/config.schema.yaml as rules/common.smk is included,
-# before any job starts.
+# Snakemake applies profiles/default (beside this file) by itself: shell commands printed, failed
+# logs shown, independent jobs kept going. Every rule is a thin call of `rcm`, run as
+# `<the interpreter running Snakemake> -m rcm`, so no `rcm` needs to be on PATH. Output paths come
+# from rcm.paths, the same functions the command uses, and dvc.yaml declares the same stages for
+# `dvc repro`. The config is validated against workflow/schemas/config.schema.yaml as
+# rules/common.smk is included, before any job starts; `--config` values are read as the schema
+# types them (Snakemake hands nested ones over as strings).
 
 from snakemake.utils import min_version
 
@@ -16,6 +18,9 @@ min_version("9.0")
 
 
 configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"

@@ -17,7 +17,7 @@ import yaml
 
 from test_workflow import REPO, dry_run, make_copy, overlay, run_env, tail
 
-PROFILE = REPO / "workflow/profiles/slurm/config.yaml"
+PROFILE = REPO / "profiles/slurm/config.yaml"
 GPU_RULES = {"train_denoiser", "train_classifier", "finetune_denoiser", "pretrain_rrcm",
              "finetune_rrcm", "certify", "certify_cascade"}
 CPU_RULES = {"prepare", "report"}
@@ -77,7 +77,7 @@ def test_tiny_workflow_runs_on_slurm(slurm_cluster, tmp_path):
         "sigmas": [0.25], "shard_ids": [0], "certify": {"shards": 1},
         "cascades": [{"method": "mdds", "flags": {"sigmas": [0.25], "p0": 0.5}}]})
     resources = cpu_only_resources()
-    args = ["--executor", "slurm", "--profile", "workflow/profiles/slurm",
+    args = ["--executor", "slurm", "--profile", "profiles/slurm",
             # no slurmdbd here: no sacct, and no account to charge
             "--slurm-status-command", "squeue", "--slurm-no-account",
             "--slurm-init-seconds-before-status-checks", "1", "--slurm-keep-successful-logs",

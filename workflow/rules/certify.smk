@@ -18,7 +18,7 @@ rule certify:
         bench("certify", "{method}.sigma_{sigma}.shard_{shard}")
     threads: 1
     shell:
-        "rcm --threads {threads} certify --dataset {params.dataset} --results {params.results}"
+        "{RCM} --threads {threads} certify --dataset {params.dataset} --results {params.results}"
         " --method {wildcards.method} --sigma {wildcards.sigma} --shard {wildcards.shard}"
         " {params.flags} > {log} 2>&1"
 
@@ -43,6 +43,6 @@ rule certify_cascade:
         bench("certify", "{method}.cascade.shard_{shard}")
     threads: 1
     shell:
-        "rcm --threads {threads} certify --dataset {params.dataset} --results {params.results}"
+        "{RCM} --threads {threads} certify --dataset {params.dataset} --results {params.results}"
         " --method {wildcards.method} --sigma cascade --shard {wildcards.shard}"
         " {params.flags} {params.cascade} > {log} 2>&1"

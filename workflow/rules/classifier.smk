@@ -18,5 +18,5 @@ rule train_classifier:
         bench("train_classifier", "sigma_{sigma}")
     threads: 1
     shell:
-        "rcm --threads {threads} train-classifier --dataset {params.dataset} --results {params.results}"
+        "{RCM} --threads {threads} train-classifier --dataset {params.dataset} --results {params.results}"
         " --sigma {wildcards.sigma} {params.flags} > {log} 2>&1"

@@ -19,7 +19,7 @@ rule train_denoiser:
         bench("train_denoiser")
     threads: 1
     shell:
-        "rcm --threads {threads} train-denoiser --dataset {params.dataset} --results {params.results}"
+        "{RCM} --threads {threads} train-denoiser --dataset {params.dataset} --results {params.results}"
         " {params.flags} > {log} 2>&1"
 
 
@@ -42,5 +42,5 @@ rule finetune_denoiser:
         bench("finetune_denoiser")
     threads: 1
     shell:
-        "rcm --threads {threads} finetune-denoiser --dataset {params.dataset} --results {params.results}"
+        "{RCM} --threads {threads} finetune-denoiser --dataset {params.dataset} --results {params.results}"
         " {params.flags} > {log} 2>&1"

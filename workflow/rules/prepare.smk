@@ -18,5 +18,5 @@ rule prepare:
         bench("prepare")
     threads: 1
     shell:
-        "rcm --threads {threads} prepare --dataset {params.dataset} --results {params.results}"
+        "{RCM} --threads {threads} prepare --dataset {params.dataset} --results {params.results}"
         " {params.flags} > {log} 2>&1"

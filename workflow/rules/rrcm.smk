@@ -18,7 +18,7 @@ rule pretrain_rrcm:
         bench("pretrain_rrcm")
     threads: 1
     shell:
-        "rcm --threads {threads} pretrain-rrcm --dataset {params.dataset} --results {params.results}"
+        "{RCM} --threads {threads} pretrain-rrcm --dataset {params.dataset} --results {params.results}"
         " {params.flags} > {log} 2>&1"
 
 
@@ -40,5 +40,5 @@ rule finetune_rrcm:
         bench("finetune_rrcm", "sigma_{sigma}")
     threads: 1
     shell:
-        "rcm --threads {threads} finetune-rrcm --dataset {params.dataset} --results {params.results}"
+        "{RCM} --threads {threads} finetune-rrcm --dataset {params.dataset} --results {params.results}"
         " --sigma {wildcards.sigma} {params.flags} > {log} 2>&1"
