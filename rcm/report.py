@@ -7,7 +7,8 @@ and writes into one folder:
     certified_accuracy.md / .tex  rows = entries (+ one envelope row per method), columns = radii,
                                   ACR, abstention rate; the best value per column in bold
     certified_accuracy.png        certified accuracy vs radius, a step curve per entry (baselines dashed)
-    plot_certified_accuracy.csv   the plotted curves, wide (radius, one column per entry), for `dvc plots`
+    plot_certified_accuracy.csv   the plotted curves, long (name, radius, certified_accuracy): one
+                                  series per entry in `dvc plots` (dvc.yaml colours by name)
     metrics.json                  per entry: ACR, abstain rate, certified accuracy at each radius
     cost.csv / cost.md            seconds and FLOPs per certified image per entry
     sources.txt                   every file read, with its row count and SHA-256
@@ -52,6 +53,16 @@ _EXTENSION = re.compile(r"^\.[A-Za-z][A-Za-z0-9]*$")
 @dataclasses.dataclass
 class ReportOptions:
     radii: list[float] = option(DEFAULT_RADII, "radii (L2, [0, 1] pixel units) of the table columns")
+    baselines: list[str] = option([], "published or other reference certificates, drawn dashed beside "
+                                      "the methods: NAME=FILE, or FILE to name it after the file")
+
+
+def parse_baseline(item: str) -> tuple[str | None, Path]:
+    """'NAME=FILE' -> (NAME, FILE); a bare 'FILE' -> (None, FILE). A name holds no '/'."""
+    name, sep, path = item.partition("=")
+    if sep and name and path and "/" not in name:
+        return name, Path(path)
+    return None, Path(item)
 
 
 @dataclasses.dataclass
@@ -168,13 +179,15 @@ def _check_shards(paths: list[Path], num_shards: int) -> None:
 
 
 def load_entries(files: Sequence[str | Path], baselines: Sequence[str | Path] = (),
-                 names: Sequence[str] | None = None) -> list[Entry]:
+                 names: Sequence[str] | None = None,
+                 baseline_names: Sequence[str | None] = ()) -> list[Entry]:
     """Group certificate files into report entries, in order of first appearance.
 
     Shards ``shard_k-of-N.tsv`` of one ``{method}/sigma_{s}`` folder become one entry named
     ``{method}_sigma_{s}`` (or ``{method}_cascade``); every other file is its own entry named after
     the file (``distinct_labels``: without a real extension, with parent folders where names would
-    collide). ``names``, if given, renames the entries in that order (files first, then baselines).
+    collide). ``baseline_names`` (aligned with ``baselines``, None = keep) names baselines;
+    ``names``, if given, renames all entries in order (files first, then baselines).
     """
     groups: OrderedDict[str, dict] = OrderedDict()
     for path, baseline in [(Path(f), False) for f in files] + [(Path(f), True) for f in baselines]:
@@ -202,6 +215,10 @@ def load_entries(files: Sequence[str | Path], baselines: Sequence[str | Path] = 
     standalone = [e for e in entries if e.method is None]
     for entry, label in zip(standalone, distinct_labels([e.paths[0] for e in standalone])):
         entry.name = label
+    given = {Path(p): n for p, n in zip(baselines, baseline_names) if n}
+    for entry in entries:
+        if entry.baseline and entry.paths[0] in given:
+            entry.name = given[entry.paths[0]]
     if names:
         if len(names) != len(entries):
             listing = ", ".join(e.name for e in entries)
@@ -402,6 +419,15 @@ def plot_data(entries: Sequence[Entry], grid: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(data)
 
 
+def long_curves(wide: pd.DataFrame) -> pd.DataFrame:
+    """The curves of ``plot_data`` as rows (name, radius, certified_accuracy), entry by entry: the
+    shape `dvc plots` draws as one series per name."""
+    names = [c for c in wide.columns if c != "radius"]
+    return pd.DataFrame({"name": np.repeat(names, len(wide)),
+                         "radius": np.tile(wide["radius"].to_numpy(), len(names)),
+                         "certified_accuracy": np.concatenate([wide[n].to_numpy() for n in names])})
+
+
 _METHOD_COLOURS = ("Blues", "Oranges", "Greens", "Purples", "Reds", "YlOrBr", "PuRd")
 
 
@@ -490,7 +516,7 @@ def write_report(entries: Sequence[Entry], radii: Sequence[float], out: str | Pa
     write_text(out / "certified_accuracy.tex", to_latex(table, radii))
     write_text(out / "metrics.json", json.dumps(metrics(table, radii), indent=2) + "\n")
     curves = plot_data(entries, curve_grid(entries, radii))
-    write_text(out / "plot_certified_accuracy.csv", _csv(curves))
+    write_text(out / "plot_certified_accuracy.csv", _csv(long_curves(curves)))
     plot(entries, curves, out / "certified_accuracy.png")
     costs = cost(entries)
     write_text(out / "cost.csv", _csv(costs))
@@ -508,14 +534,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder to write the report into")
     p.add_argument("--names", nargs="+", default=None,
                    help="entry names, one per entry in order (FILE entries, then baselines)")
-    p.add_argument("--baseline", nargs="+", default=[], metavar="FILE",
-                   help="published or other reference certificates, drawn dashed")
     add_options(p, ReportOptions)
 
 
 def main(args: argparse.Namespace) -> None:
     opts = from_args(ReportOptions, args)
-    entries = load_entries(args.files, args.baseline, args.names)
+    baselines = [parse_baseline(item) for item in opts.baselines]
+    entries = load_entries(args.files, [path for _, path in baselines], args.names,
+                           [name for name, _ in baselines])
     table = write_report(entries, opts.radii, args.out)
     print(to_markdown(table, [float(r) for r in opts.radii]), end="")
     print(f"report written to {args.out}")

@@ -57,6 +57,7 @@ def write_cohen(path: Path, rows) -> Path:
 
 def write_carlini(path: Path, rows) -> Path:
     """The same lines, but `correct` accumulates over the rows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     lines, correct = ["idx\tlabel\tpredict\tradius\tcorrect\ttime"], 0
     for r in rows:
         correct += int(r["predict"] == r["label"])
@@ -68,6 +69,7 @@ def write_carlini(path: Path, rows) -> Path:
 
 def write_multiscale(path: Path, rows) -> Path:
     """Ten columns; an abstention is written as -2 (undecided stage) on every other occasion."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["idx\tlabel\tpredict\tradius\tr_neg\tcorrect\tpred_uc\tcorr_uc\tstage\ttime"]
     abstained = 0
     for r in rows:
@@ -85,6 +87,7 @@ def write_multiscale(path: Path, rows) -> Path:
 
 def write_rrcm(path: Path, rows) -> Path:
     """No header, no idx: label predict radius correct time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["{}\t{}\t{:.3}\t{}\t{}".format(r["label"], r["predict"], r["radius"],
                                             int(r["predict"] == r["label"]), r["time"]) for r in rows]
     path.write_text("\n".join(lines) + "\n")
@@ -179,3 +182,16 @@ def test_a_carlini_log_whose_count_breaks_is_refused(tmp_path):
     with pytest.raises(CertificateError, match=rf"log.txt: line {len(lines)}: column 'correct'"):
         read_certificate(path)
     assert certified_accuracy(read_certificate(write_carlini(tmp_path / "ok.txt", rows)), [0.0])[0] > 0
+
+
+def test_baselines_are_named_as_given_or_after_their_files(tmp_path):
+    rows = results(n=40)
+    ours = write_cohen(tmp_path / "mine.tsv", rows)
+    cohen = write_cohen(tmp_path / "cohen" / "noise_0.50" / "test" / "sigma_0.50", results(seed=1, n=40))
+    rrcm = write_rrcm(tmp_path / "rrcm" / "certify_result_0.5.txt", results(seed=2, n=40))
+    out = tmp_path / "report"
+    assert cli(["report", str(ours), "--baselines", f"cohen_resnet110={cohen}", str(rrcm),
+                "--radii", "0", "0.5", "--out", str(out)]) == 0
+    tidy = pd.read_csv(out / "certified_accuracy.csv")
+    kinds = tidy.groupby("name", sort=False)["kind"].first().to_dict()
+    assert kinds == {"mine": "entry", "cohen_resnet110": "baseline", "certify_result_0.5": "baseline"}

@@ -100,7 +100,7 @@ def test_shards_group_into_named_entries_in_method_order(tmp_path):
     other = write_certificate(tmp_path / "mine.tsv", _rows([(0, 0, 0.1)]))
     baseline = FIXTURES / "noise_0.25_sigma_0.25.tsv"
     out = tmp_path / "report"
-    assert cli(["report", *map(str, files), str(other), "--baseline", str(baseline),
+    assert cli(["report", *map(str, files), str(other), "--baselines", str(baseline),
                 "--radii", "0", "0.5", "--out", str(out)]) == 0
 
     table = [line.split(" | ")[0].strip("| ") for line in (out / "certified_accuracy.md").read_text().splitlines()[2:]
@@ -126,9 +126,14 @@ def test_shards_group_into_named_entries_in_method_order(tmp_path):
     assert np.isnan(cost.loc["gaussian_sigma_0.25", "flops_per_image"])
     assert cost.loc["noise_0.25_sigma_0.25", "seconds_per_image"] == pytest.approx(15.0059415253)
 
-    curves = pd.read_csv(out / "plot_certified_accuracy.csv")
-    assert list(curves.columns) == ["radius"] + table[:2] + table[3:]  # no envelope curve
-    assert curves.radius.iloc[0] == 0 and (curves.drop(columns="radius").diff().iloc[1:] <= 0).all().all()
+    curves = pd.read_csv(out / "plot_certified_accuracy.csv")  # long: one series per entry
+    assert list(curves.columns) == ["name", "radius", "certified_accuracy"]
+    assert list(curves.name.unique()) == table[:2] + table[3:]  # no envelope curve
+    for name, curve in curves.groupby("name", sort=False):
+        assert curve.radius.iloc[0] == 0 and (curve.radius.diff().iloc[1:] > 0).all()
+        assert (curve.certified_accuracy.diff().iloc[1:] <= 0).all(), name
+        frame = next(e.frame for e in load_entries(files + [other], [baseline]) if e.name == name)
+        assert curve.certified_accuracy.tolist() == pytest.approx(certified_accuracy(frame, curve.radius))
     sources = (out / "sources.txt").read_text()
     assert all(str(f) in sources for f in files + [other, baseline])
     assert (out / "certified_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

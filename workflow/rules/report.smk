@@ -1,12 +1,27 @@
-# Every certificate shard of the configured grid -> tables, plot, DVC metrics and plots, cost.
+# Every certificate shard of the configured grid (and the configured published baselines) -> tables,
+# plot, DVC metrics and plots, cost. The outputs marked report() go into `snakemake --report`, each
+# with the caption under workflow/report/.
 
 
 rule report:
     input:
         certificates=certificates(),
+        baselines=BASELINE_FILES,
         code=CODE["report"],
     output:
-        report_files(),
+        csv=report(_report_file("certified_accuracy.csv"), caption="../report/certified_accuracy.rst",
+                   category="Certified accuracy", labels={"what": "table (tidy)"}),
+        md=_report_file("certified_accuracy.md"),
+        tex=_report_file("certified_accuracy.tex"),
+        png=report(_report_file("certified_accuracy.png"), caption="../report/certified_accuracy_plot.rst",
+                   category="Certified accuracy", labels={"what": "plot"}),
+        metrics=_report_file("metrics.json"),
+        plot=_report_file("plot_certified_accuracy.csv"),
+        cost=report(_report_file("cost.csv"), caption="../report/cost.rst", category="Cost",
+                    labels={"what": "table"}),
+        cost_md=_report_file("cost.md"),
+        sources=report(_report_file("sources.txt"), caption="../report/sources.rst",
+                       category="Provenance", labels={"what": "files read"}),
     params:
         flags=flags(config["report"]),
         out=lambda wildcards, output: os.path.dirname(output[0]),
@@ -16,5 +31,5 @@ rule report:
         bench("report")
     threads: 1
     shell:
-        "rcm --threads {threads} report {input.certificates} {params.flags} --out {params.out}"
+        "{RCM} --threads {threads} report {input.certificates} {params.flags} --out {params.out}"
         " > {log} 2>&1"
