@@ -1,12 +1,19 @@
-# Two entry points that work on a fresh machine with only Python 3.11:
+# Two entry points that work on a fresh machine with only Python 3.11 (no `rcm` needed on PATH):
 #   make run   - create .venv, install rcm with its workflow tools, run the whole DAG on the embedded default
 #   make test  - create .venv, install rcm with its test tools, run the test suite
+# `make run CONFIG=FILE` runs the same DAG on another config (CONFIG=.test/config.yaml: the tiny one).
+# Snakemake's jobs call `<.venv/bin/python> -m rcm`; for DVC stages (`make repro`, `make pull`) the
+# venv's bin/ is put first on PATH, as `source .venv/bin/activate` does.
 PYTHON ?= python3
 VENV ?= .venv
-BIN := $(VENV)/bin
+BIN := $(abspath $(VENV))/bin
 CORES ?= 2
+CONFIG ?=
 
-.PHONY: install run test test-fast clean
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS ?= 1
+
+.PHONY: install run test test-fast repro pull report-html clean
 
 $(BIN)/rcm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +24,7 @@ $(BIN)/rcm: pyproject.toml
 install: $(BIN)/rcm
 
 run: install
-	$(BIN)/snakemake --workflow-profile workflow/profiles/default --cores $(CORES)
+	$(BIN)/snakemake --cores $(CORES) $(if $(CONFIG),--configfile $(CONFIG))
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -25,5 +32,22 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not slurm"
 
+# the same stages through DVC (dvc.yaml reads config/config.yaml)
+repro: install
+	$(BIN)/dvc repro
+
+# A collaborator's copy: checkpoints and certificates from the DVC remote. Pulled files get new
+# modification times in no particular order, which Snakemake would take for changed inputs; so,
+# once `dvc status` confirms every stage matches dvc.lock, `snakemake --touch` restores their order
+# (docs/workflow.md, "Sharing results").
+pull: install
+	$(BIN)/dvc pull
+	@$(BIN)/dvc status --quiet || { echo "make pull: dvc status shows changed stages; not marking anything up to date" >&2; $(BIN)/dvc status >&2; exit 1; }
+	$(BIN)/snakemake --touch --cores 1 --quiet rules
+
+# Snakemake's self-contained HTML report of the last run
+report-html: install
+	$(BIN)/snakemake --report report.html $(if $(CONFIG),--configfile $(CONFIG))
+
 clean:
-	rm -rf results logs benchmarks/*.tsv .snakemake
+	rm -rf results logs benchmarks/*.tsv .snakemake report.html

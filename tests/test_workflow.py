@@ -7,6 +7,7 @@ of it, so none of them depends on another's side effects.
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import dataclasses
 import importlib
@@ -23,6 +24,7 @@ import typing
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -50,15 +52,35 @@ REPORT_FILES = {"certified_accuracy.csv", "certified_accuracy.md", "certified_ac
                 "certified_accuracy.png", "metrics.json", "plot_certified_accuracy.csv", "cost.csv",
                 "cost.md", "sources.txt"}
 # Lints we accept: the package comes from the project's own environment, not a conda env per rule;
-# and `rcm` takes the results root as a flag (it builds its paths with rcm.paths, like the rules).
-ACCEPTED_LINTS = ("Specify a conda environment or container", "Param results is a prefix")
+# `rcm` takes the results root as a flag (it builds its paths with rcm.paths, like the rules); and
+# the interpreter (RCM = `<python> -m rcm`) is a global, not a param, on purpose: a venv at another
+# path must not count as changed params and rerun everything.
+ACCEPTED_LINTS = ("Specify a conda environment or container", "Param results is a prefix",
+                  "Shell command directly uses variable RCM from outside of the rule")
 
 
 # ------------------------------------------------------------------------------------------ helpers
 
+def path_without_rcm(path: str) -> str:
+    """PATH less every folder that holds an `rcm`: the fresh machine of the README."""
+    return os.pathsep.join(d for d in path.split(os.pathsep)
+                           if d and not os.access(os.path.join(d, "rcm"), os.X_OK))
+
+
 def run_env() -> dict:
+    """Snakemake's environment: no `rcm` on PATH, so every job must run the project's own (the
+    rules call `<the interpreter running Snakemake> -m rcm`)."""
     env = dict(os.environ, DVC_NO_ANALYTICS="1")
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the `rcm` of this environment
+    env["PATH"] = path_without_rcm(env.get("PATH", ""))
+    assert shutil.which("rcm", path=env["PATH"]) is None
+    return env
+
+
+def dvc_env() -> dict:
+    """DVC's environment: its stages call `rcm`, found on PATH as in an activated venv (`source
+    .venv/bin/activate`, or the Makefile's `make repro`)."""
+    env = run_env()
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
     return env
 
 
@@ -67,7 +89,8 @@ def make_copy(dest: Path, config: str | None = ".test/config.yaml") -> Path:
     config/config.yaml there, so Snakemake and DVC read the same file."""
     dest.mkdir(parents=True)
     ignore = shutil.ignore_patterns("__pycache__", "cache", "tmp", "config.local")
-    for item in ["Snakefile", "workflow", "config", ".test", "rcm", "dvc.yaml", ".dvcignore", ".dvc"]:
+    for item in ["Snakefile", "workflow", "profiles", "config", ".test", "rcm", "dvc.yaml", ".dvcignore",
+                 ".dvc", ".gitignore", "Makefile", "pyproject.toml"]:
         src = REPO / item
         if src.is_dir():
             shutil.copytree(src, dest / item, ignore=ignore)
@@ -86,15 +109,14 @@ def clone(run_dir: Path, dest: Path) -> Path:
 
 
 def snakemake(cwd: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    """Run Snakemake in ``cwd`` with the workflow profile, as the Makefile and the docs do; put
-    targets before options (--configfile takes several values)."""
-    profile = ["--workflow-profile", "workflow/profiles/default"]
-    return subprocess.run([sys.executable, "-m", "snakemake", *args, *profile], cwd=cwd, env=run_env(),
+    """A bare `snakemake` in ``cwd``, as the Makefile and the docs run it (it applies
+    profiles/default by itself); put targets before options (--configfile takes several values)."""
+    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, env=run_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
 def dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    r = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, env=run_env(), capture_output=True,
+    r = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, env=dvc_env(), capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, f"dvc {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}"
     return r
@@ -145,14 +167,23 @@ def dry_run(cwd: Path, *args: str) -> list[Job]:
 
 
 def rcm_tokens(cmd: str) -> list[str]:
-    """A command as `rcm` tokens, without `--threads N` and the log redirection."""
+    """A command as `rcm` tokens (Snakemake's `<python> -m rcm` as `rcm`), without `--threads N`
+    and the log redirection."""
     tokens = shlex.split(cmd)
     if ">" in tokens:
         tokens = tokens[:tokens.index(">")]
+    if tokens[1:3] == ["-m", "rcm"]:
+        assert tokens[0] == sys.executable, f"a job runs another interpreter: {cmd}"
+        tokens = ["rcm", *tokens[3:]]
     if tokens[1:2] == ["--threads"]:
         del tokens[1:3]
     assert tokens[0] == "rcm", cmd
     return tokens
+
+
+def job_threads(cmd: str) -> int:
+    tokens = shlex.split(cmd)
+    return int(tokens[tokens.index("--threads") + 1])
 
 
 def parse_rcm(tokens: list[str]):
@@ -400,7 +431,7 @@ def test_each_job_gets_its_thread_count(fresh):
     threads = {}
     for cores in ("2", "8"):
         for job in dry_run(fresh, "--cores", cores, "--set-threads", "train_denoiser=4", "certify=3"):
-            threads.setdefault((cores, job.rule), set()).add(int(shlex.split(job.shell)[2]))
+            threads.setdefault((cores, job.rule), set()).add(job_threads(job.shell))
     assert threads[("8", "train_denoiser")] == {4} and threads[("8", "certify")] == {3}
     assert threads[("2", "train_denoiser")] == {2} and threads[("2", "certify")] == {2}
     assert {n for (_, rule), ns in threads.items() if rule not in ("train_denoiser", "certify") for n in ns} == {1}
@@ -411,6 +442,29 @@ def test_lint(fresh):
     lints = re.findall(r"^\s+\* (.*)$", r.stdout + r.stderr, re.M)
     unexpected = [line for line in lints if not line.startswith(ACCEPTED_LINTS)]
     assert not unexpected, tail(r)
+
+
+def test_bare_snakemake_applies_the_default_profile(fresh):
+    """No --workflow-profile: Snakemake finds profiles/default beside the Snakefile, whose
+    printshellcmds shows each job's command even in a dry run without -p."""
+    r = snakemake(fresh, "-n")
+    assert r.returncode == 0, tail(r)
+    assert "Using workflow specific profile profiles/default" in r.stdout + r.stderr
+    assert re.search(r"^Shell command: \S+ -m rcm --threads 1 prepare", r.stdout + r.stderr, re.M), tail(r)
+
+
+def test_config_overrides_are_read_as_the_schema_types(fresh):
+    """`--config` hands nested values over as strings ('100', ['0.25']); the workflow reads them as
+    the schema types them, so the commands carry the numbers."""
+    jobs = dry_run(fresh, "--config", 'certify={"n": 100, "alpha": 0.01}', "sigmas=[0.25, 1.0]",
+                   "cascades=[]", 'classifier={"hflip": true}')
+    certify = [vars(parse_rcm(rcm_tokens(j.shell))) for j in jobs if j.rule == "certify"]
+    assert certify and all(a["n"] == 100 and a["alpha"] == 0.01 for a in certify)
+    assert {a["sigma"] for a in certify} == {"0.25", "1.0"}
+    classifier = [vars(parse_rcm(rcm_tokens(j.shell))) for j in jobs if j.rule == "train_classifier"]
+    assert classifier and all(a["hflip"] is True for a in classifier)
+    r = snakemake(fresh, "-n", "--config", 'certify={"n": "many"}')
+    assert r.returncode != 0 and "certify.n: 'many' is not of type 'integer'" in r.stdout + r.stderr
 
 
 # ------------------------------------------------------------------------------------------ bad configs
@@ -429,6 +483,8 @@ BAD_CONFIGS = {
     "missing CIFAR-10 root": ({"dataset": "cifar10", "data": {"root": "no/such/dir"}}, "data.root"),
     "missing ImageNet root": ({"dataset": "imagenet", "data": {"root": "no/such/dir"}}, "data.root"),
     "missing pretrained denoiser": ({"denoiser": {"pretrained": "no/such/ddpm"}}, "denoiser.pretrained"),
+    "missing baseline log": ({"report": {"baselines": ["cohen=no/such/sigma_0.25"]}},
+                             "report.baselines.0: 'no/such/sigma_0.25' is not a file"),
 }
 
 
@@ -676,3 +732,104 @@ def test_killed_certification_keeps_finished_shards(tiny_run, tmp_path):
     assert r.returncode == 0, tail(r)
     assert len(read_certificate(interrupted)) == 1
     assert finished.stat().st_mtime_ns == mtime
+
+
+# ------------------------------------------------------------------------------------------ overrides, plots, reports, sharing
+
+@pytest.mark.slow
+def test_config_overrides_rerun_only_what_depends_on_them(tiny_run):
+    """`--config` is how a user reruns one setting: n changes certification and the report only; a
+    smaller sigma grid (and no cascade) leaves only the report to redo, over fewer certificates."""
+    jobs = dry_run(tiny_run.path, "--config", 'certify={"n": 100}')
+    assert {j.rule for j in jobs} == {"certify", "certify_cascade", "report"} and len(jobs) == 16 + 2 + 1
+    assert all(vars(parse_rcm(rcm_tokens(j.shell)))["n"] == 100 for j in jobs if j.rule.startswith("certify"))
+    jobs = dry_run(tiny_run.path, "--config", "sigmas=[0.25]", "cascades=[]")
+    assert [j.rule for j in jobs] == ["report"]
+    certificates = [f for f in jobs[0].inputs if f.endswith(".tsv")]
+    assert len(certificates) == 4 * 2 and all("/sigma_0.25/" in f for f in certificates)
+
+
+@pytest.mark.slow
+def test_dvc_plots_draw_a_curve_per_entry(tiny_run):
+    """`dvc plots show` draws one series per report entry (colour = name), not one curve in all."""
+    plots = json.loads(dvc(tiny_run.path, "plots", "show", "--json").stdout)["data"]
+    (plot,) = plots["results/digits/report/plot_certified_accuracy.csv"]
+    content = plot["content"]
+    assert content["encoding"]["color"]["field"] == "name"
+    series = {row["name"] for row in content["data"]["values"]}
+    tidy = pd.read_csv(tiny_run.path / "results/digits/report/certified_accuracy.csv")
+    assert series == set(tidy[tidy.kind != "envelope"].name)
+    assert len(series) == 4 * 2 + 1  # four methods at two sigmas, and the mdds cascade
+
+
+@pytest.mark.slow
+def test_snakemake_html_report_holds_the_plot_and_tables_with_captions(tiny_run, tmp_path):
+    repo = clone(tiny_run.path, tmp_path / "repo")
+    r = snakemake(repo, "--report", "report.html")
+    assert r.returncode == 0, tail(r)
+    html = (repo / "report.html").read_text()
+    png = (repo / "results/digits/report/certified_accuracy.png").read_bytes()
+    assert base64.b64encode(png).decode() in html  # the figure itself, embedded
+    for caption in ("Certified accuracy against the L2 radius", "Certified accuracy, one row per",
+                    "Cost of certification per entry", "Every certificate file the report read"):
+        assert caption in html, caption
+    assert "<script src=" not in html  # self-contained: nothing fetched when it is opened
+
+
+@pytest.mark.slow
+def test_configured_baselines_join_the_report(tiny_run, tmp_path):
+    """`report.baselines` draws published logs (Cohen et al.'s, as published: no extension) beside
+    the methods; adding one reruns the report and nothing else."""
+    repo = clone(tiny_run.path, tmp_path / "repo")
+    log = Path("published/cifar10/resnet110/noise_0.25/test/sigma_0.25")
+    (repo / log).parent.mkdir(parents=True)
+    shutil.copy(REPO / "tests/fixtures/published-certificates/cifar10-resnet110-gaussian/noise_0.25_sigma_0.25.tsv",
+                repo / log)
+    extra = overlay(tmp_path, "baselines", {"report": {"baselines": [f"cohen_resnet110={log}"]}})
+    jobs = dry_run(repo, "--configfile", extra)
+    assert [j.rule for j in jobs] == ["report"] and str(log) in jobs[0].inputs
+    r = snakemake(repo, "--cores", "1", "--configfile", extra)
+    assert r.returncode == 0, tail(r)
+    tidy = pd.read_csv(repo / "results/digits/report/certified_accuracy.csv")
+    assert set(tidy[tidy.kind == "baseline"].name) == {"cohen_resnet110"}
+    assert str(log) in (repo / "results/digits/report/sources.txt").read_text()
+
+
+def _git(cwd: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=rcm", "-c", "user.email=rcm@localhost", *args], cwd=cwd,
+                   check=True, capture_output=True)
+
+
+def _make_pull(repo: Path) -> subprocess.CompletedProcess:
+    """The collaborator's `make pull`, with this test's environment standing in for a new venv."""
+    return subprocess.run(["make", "-o", str(BIN / "rcm"), "pull", f"VENV={BIN.parent}"], cwd=repo,
+                          env=run_env(), capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_dvc_push_then_pull_in_a_fresh_clone_leaves_nothing_to_do(tiny_run, tmp_path):
+    """A collaborator clones, pulls the checkpoints and certificates from the DVC remote (a local
+    folder here), and neither DVC nor Snakemake finds anything to recompute, although every pulled
+    file has a new modification time."""
+    origin = clone(tiny_run.path, tmp_path / "origin")
+    dvc(origin, "remote", "add", "-d", "store", str(tmp_path / "remote"))
+    _git(origin, "add", "-A")
+    _git(origin, "commit", "-q", "-m", "a finished run")
+    dvc(origin, "push")
+    _git(tmp_path, "clone", "-q", str(origin), "collaborator")
+    repo = tmp_path / "collaborator"
+    assert not (repo / "results").exists() and not (repo / ".snakemake").exists()
+
+    r = _make_pull(repo)
+    assert r.returncode == 0, tail(r)
+    assert dvc_changed(repo) == set()
+    assert dry_run(repo) == []
+    pulled = sorted(p.relative_to(repo) for p in (repo / "results").rglob("*") if p.is_file())
+    assert any(p.suffix == ".pt" for p in pulled) and any(p.suffix == ".tsv" for p in pulled)
+    for p in pulled:
+        assert (repo / p).read_bytes() == (origin / p).read_bytes(), p
+
+    # a checkout that DVC does not find up to date is not marked up to date for Snakemake
+    _edit_config(repo, lambda c: c["certify"].update(n=60))
+    r = _make_pull(repo)
+    assert r.returncode != 0 and "dvc status shows changed stages" in r.stderr

@@ -2,12 +2,15 @@
 
 import os
 import shlex
+import sys
 from pathlib import Path
 
 import jsonschema
 import yaml
+from snakemake.utils import update_config
 
 from rcm import paths
+from rcm.report import parse_baseline
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -85,6 +88,11 @@ def _path_errors(cfg: dict) -> list[str]:
                 where = root / split if root else f"<data.root>/{split}"
                 lines.append(f"data.root: ImageNet needs a class-per-folder directory '{where}', "
                              "which does not exist")
+    for i, item in enumerate(cfg["report"]["baselines"]):
+        name, path = parse_baseline(item)
+        if not path.is_file():
+            lines.append(f"report.baselines.{i}: '{path}' is not a file (a published certification "
+                         "log: NAME=FILE, or FILE)")
     needs_denoiser = {"dds", "mdds"} & set(cfg["methods"])
     pretrained = cfg["denoiser"].get("pretrained", "")
     if needs_denoiser and pretrained and not Path(pretrained).exists():
@@ -93,8 +101,45 @@ def _path_errors(cfg: dict) -> list[str]:
     return lines
 
 
-def validate_config(cfg: dict, schema_file: Path) -> None:
+def _resolve(node: dict, schema: dict) -> dict:
+    ref = node.get("$ref", "")
+    if ref.startswith("#/$defs/"):
+        return schema["$defs"][ref[len("#/$defs/"):]]
+    return node
+
+
+def typed_overrides(value, node: dict, schema: dict):
+    """``value`` (the ``--config`` overrides) with the strings that Snakemake made of nested values
+    read as YAML where the schema wants another type: `certify={"n": 100}` arrives as {"n": "100"},
+    and `sigmas=[0.25]` as ["0.25"]. A string that does not read as the wanted type stays as it is,
+    so the schema check still names the key. Config files are not touched: a quoted string there is
+    meant as one."""
+    node = _resolve(node, schema)
+    kind = node.get("type")
+    if isinstance(value, dict) and kind == "object":
+        props = node.get("properties", {})
+        return {k: typed_overrides(v, props[k], schema) if k in props else v for k, v in value.items()}
+    if isinstance(value, list) and kind == "array" and "items" in node:
+        return [typed_overrides(v, node["items"], schema) for v in value]
+    if isinstance(value, str) and kind not in (None, "string"):
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        wanted = {"integer": int, "number": (int, float), "boolean": bool, "array": list,
+                  "object": dict}.get(kind, object)
+        if isinstance(parsed, wanted) and not (kind in ("integer", "number") and isinstance(parsed, bool)):
+            if kind == "number" and isinstance(parsed, int):
+                parsed = float(parsed)  # a number on the command line is the float the schema means
+            return typed_overrides(parsed, node, schema)
+    return value
+
+
+def validate_config(cfg: dict, schema_file: Path, overrides: dict) -> None:
+    """Check ``cfg`` (config files merged with the ``--config`` ``overrides``) against the schema,
+    reading the overrides' strings as the schema types them first."""
     schema = yaml.safe_load(Path(schema_file).read_text())
+    update_config(cfg, typed_overrides(overrides, schema, schema))
     errors = _schema_errors(cfg, schema)
     if not errors:
         errors = _semantic_errors(cfg)
@@ -102,13 +147,15 @@ def validate_config(cfg: dict, schema_file: Path) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
 
-validate_config(config, Path(workflow.current_basedir).parent / "schemas" / "config.schema.yaml")
+validate_config(config, Path(workflow.current_basedir).parent / "schemas" / "config.schema.yaml",
+                dict(workflow.config_settings.config))
 
 D = config["dataset"]
 R = config["results"]
 SIGMAS = [paths.fmt_sigma(s) for s in config["sigmas"]]
 SHARDS = config["certify"]["shards"]
 CASCADES = {c["method"]: c for c in config["cascades"]}
+BASELINE_FILES = [str(parse_baseline(item)[1]) for item in config["report"]["baselines"]]
 
 
 wildcard_constraints:
@@ -118,6 +165,12 @@ wildcard_constraints:
 
 
 # ------------------------------------------------------------------------------------ flags
+
+# Every job runs `rcm` as `<the interpreter running Snakemake> -m rcm`: that interpreter has just
+# imported rcm (above), so the jobs run the same installation, and none depends on an `rcm` being on
+# PATH. It is a global in the shell commands, not a param, so a venv at another path (a collaborator's
+# clone, a cluster's file system) does not count as a change of the rules' code or params.
+RCM = f"{shlex.quote(sys.executable)} -m rcm"
 
 
 def flags(section: dict) -> str:
@@ -214,6 +267,10 @@ def certificates() -> list[str]:
     files += [str(paths.certificate(R, D, m, paths.CASCADE, k, SHARDS))
               for m in CASCADES for k in range(SHARDS)]
     return files
+
+
+def _report_file(name: str) -> str:
+    return str(paths.report_dir(R, D) / name)
 
 
 def report_files() -> list[str]:
