@@ -23,11 +23,14 @@ from rcm.errors import ConfigError
 from rcm.flops import flops_per_sample
 from rcm.models.factory import METHODS, base_classifier
 from rcm.options import add_stage_options, from_args, option, resolve_device
+from rcm.report import DEFAULT_RADII
 from rcm.smoothing import Smooth, noise_generator
 
 # batch_size is provenance: the noise of image idx is one stream keyed by (seed, method, sigma, idx),
 # drawn n0 then n samples at a time in batches of batch_size (on some devices the batching shifts it)
-EXTRA_COLUMNS = ("sigma", "n0", "n", "alpha", "count_a", "p_a_lower", "seed", "batch_size", "flops")
+EXTRA_COLUMNS = ("sigma", "n0", "n", "alpha", "count_a", "p_a_lower", "seed", "batch_size", "flops", "samples")
+# --sequential: n is n_max, samples the draws used (n0 + estimation), radii the targets it stopped on
+SEQUENTIAL_COLUMNS = EXTRA_COLUMNS + ("sequential", "radii")
 CASCADE_COLUMNS = ("sigma", "stage", "n0", "n", "alpha", "alpha_split", "p0", "count_a", "p_a_lower",
                    "seed", "batch_size", "flops")
 
@@ -81,10 +84,19 @@ def validate(method: str, sigma: str, shard: int, o: CertifyOptions, sigmas: lis
 
 def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard: int,
                   o: CertifyOptions, sigmas: list[float] | None = None, p0: float = 0.5,
-                  alpha_split: str = "uniform", progress: bool = True):
-    """Certify shard ``shard`` and write its certificate; returns the certificate path."""
+                  alpha_split: str = "uniform", progress: bool = True, sequential: bool = False,
+                  radii: list[float] | None = None):
+    """Certify shard ``shard`` and write its certificate; returns the certificate path.
+
+    ``sequential``: Smooth.certify_sequential with n_max = o.n, stopping on the target ``radii``
+    (default: the report's radii); not for cascades (docs/methods.md)."""
     sigmas = sorted(sigmas or [], reverse=True)
     validate(method, sigma, shard, o, sigmas, p0, alpha_split)
+    radii = sorted(DEFAULT_RADII if radii is None else radii)
+    if sequential and sigma == paths.CASCADE:
+        raise ConfigError("--sequential is not implemented for cascades: certify them with fixed n")
+    if sequential and (not radii or min(radii) < 0):
+        raise ConfigError(f"--radii must list radii >= 0 for --sequential, got {radii}")
     device = resolve_device(o.device)
     split = load_split(paths.prepared(results, dataset, "test"))
     rows = split.certification_rows(o.skip, o.max_images or None)[shard::o.shards]
@@ -113,18 +125,28 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
             extra = dict(sigma=r.sigma, stage=r.stage, p0=p0, alpha_split=alpha_split,
                          count_a=r.count_a, p_a_lower=r.p_a_lower,
                          flops=sum(flops[:stages]) * (o.n0 + o.n))
+        elif sequential:
+            gen = noise_generator(o.seed, method, sigma, idx, device)
+            try:
+                prediction, radius, count_a, p_a, used = smooth.certify_sequential_with_details(
+                    x, o.n0, o.n, o.alpha, o.batch_size, radii, gen)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            extra = dict(sigma=members[0][0], count_a=count_a, p_a_lower=p_a, samples=used,
+                         flops=flops[0] * used, sequential=1, radii=" ".join(f"{r:g}" for r in radii))
         else:
             gen = noise_generator(o.seed, method, sigma, idx, device)
             prediction, radius, count_a, p_a = smooth.certify_with_details(x, o.n0, o.n, o.alpha,
                                                                          o.batch_size, gen)
-            extra = dict(sigma=members[0][0], count_a=count_a, p_a_lower=p_a,
+            extra = dict(sigma=members[0][0], count_a=count_a, p_a_lower=p_a, samples=o.n0 + o.n,
                          flops=flops[0] * (o.n0 + o.n))
         elapsed = time.perf_counter() - start
         records.append(dict(idx=idx, label=label, predict=prediction, radius=radius,
                             correct=int(prediction == label), time=elapsed,
                             n0=o.n0, n=o.n, alpha=o.alpha, seed=o.seed, batch_size=o.batch_size, **extra))
     bar.close()
-    write_certificate(out, records, CASCADE_COLUMNS if cascade else EXTRA_COLUMNS)
+    write_certificate(out, records, CASCADE_COLUMNS if cascade else
+                      SEQUENTIAL_COLUMNS if sequential else EXTRA_COLUMNS)
     return out
 
 
@@ -136,6 +158,11 @@ def add_arguments(p) -> None:
     p.add_argument("--p0", type=float, default=0.5, help="cascade threshold p0, in [0.5, 1)")
     p.add_argument("--alpha_split", choices=ALPHA_SPLITS, default="uniform",
                    help="cascade: how alpha is split over the bounds (see rcm/cascade.py)")
+    p.add_argument("--sequential", action="store_true",
+                   help="stop each image's sampling early (Smooth.certify_sequential); n is then n_max")
+    p.add_argument("--radii", type=float, nargs="+", default=list(DEFAULT_RADII),
+                   help="--sequential: the target radii it stops on (default: the report's, "
+                        f"{' '.join(map(str, DEFAULT_RADII))})")
     add_stage_options(p, CertifyOptions)
 
 
@@ -143,5 +170,5 @@ def main(args) -> None:
     o = from_args(CertifyOptions, args)
     out = certify_shard(dataset=args.dataset, results=args.results, method=args.method,
                         sigma=args.sigma, shard=args.shard, o=o, sigmas=args.sigmas, p0=args.p0,
-                        alpha_split=args.alpha_split)
+                        alpha_split=args.alpha_split, sequential=args.sequential, radii=args.radii)
     print(f"wrote {out}  ({asdict(o)})")

@@ -376,25 +376,28 @@ def cost(entries: Sequence[Entry]) -> pd.DataFrame:
         f = e.frame
         flops = f["flops"].mean() if "flops" in f.columns and f["flops"].notna().any() else math.nan
         samples = math.nan
-        if {"n0", "n"} <= set(f.columns) and f["time"].sum() > 0:
-            samples = float((f["n0"] + f["n"]).sum() / f["time"].sum())
+        drawn = f["samples"] if "samples" in f.columns and f["samples"].notna().all() else (
+            f["n0"] + f["n"] if {"n0", "n"} <= set(f.columns) else None)
+        if drawn is not None and f["time"].sum() > 0:
+            samples = float(drawn.sum() / f["time"].sum())
+        mean_draws = float(drawn.mean()) if drawn is not None else math.nan
         rows.append({"name": e.name, "method": e.method,
                      "sigma": None if e.sigma is None else fmt_sigma(e.sigma),
                      "images": len(f), "seconds_per_image": float(f["time"].mean()),
                      "total_seconds": float(f["time"].sum()), "flops_per_image": flops,
-                     "samples_per_second": samples})
+                     "samples_per_second": samples, "draws_per_image": mean_draws})
     return pd.DataFrame(rows)
 
 
 def cost_markdown(table: pd.DataFrame) -> str:
     def fmt(value, spec):
         return "" if pd.isna(value) else format(value, spec)
-    lines = ["| name | images | seconds / image | FLOPs / image | samples / s | total seconds |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| name | images | seconds / image | noise draws / image | FLOPs / image | samples / s | total seconds |",
+             "|---|---|---|---|---|---|---|"]
     for _, r in table.iterrows():
         lines.append(f"| {r['name']} | {r['images']} | {fmt(r['seconds_per_image'], '.4g')} | "
-                     f"{fmt(r['flops_per_image'], '.4g')} | {fmt(r['samples_per_second'], '.4g')} | "
-                     f"{fmt(r['total_seconds'], '.6g')} |")
+                     f"{fmt(r['draws_per_image'], '.6g')} | {fmt(r['flops_per_image'], '.4g')} | "
+                     f"{fmt(r['samples_per_second'], '.4g')} | {fmt(r['total_seconds'], '.6g')} |")
     note = ("\nSeconds come from each certificate's `time` column (measured on the machine that "
             "certified it; published logs ran elsewhere). FLOPs only where the certificate has a "
             "`flops` column.\n")

@@ -62,6 +62,45 @@ class Smooth:
         counts_estimation = self.sample_counts(x, n, batch_size, generator)
         return stats.certify_from_counts(counts_selection, counts_estimation, alpha, self.sigma)
 
+    def certify_sequential(self, x: torch.Tensor, n0: int, n_max: int, alpha: float, batch_size: int,
+                           radii, generator: torch.Generator | None = None,
+                           first: int = 100) -> tuple[int, float, int]:
+        """Prediction, certified L2 radius and noise draws used, stopping early (docs/methods.md).
+
+        Selection on n0 draws as in ``certify``; then estimation in looks of first, 2 first, 4 first,
+        ... n_max cumulative draws, each with a Clopper-Pearson lower bound at alpha / (number of
+        looks), so that all looks' bounds hold together with probability >= 1 - alpha. It stops when
+        the bound certifies the largest of ``radii`` that n_max draws could, when the upper bound
+        shows the next radius out of reach, or at n_max. The guarantee is ``certify``'s: with
+        probability >= 1 - alpha, a non-abstaining answer is g's prediction within the radius.
+        """
+        prediction, radius, _, _, samples = self.certify_sequential_with_details(
+            x, n0, n_max, alpha, batch_size, radii, generator, first)
+        return prediction, radius, samples
+
+    def certify_sequential_with_details(self, x, n0, n_max, alpha, batch_size, radii, generator=None,
+                                        first: int = 100):
+        """As ``certify_sequential``: (prediction, radius, count of the selected class, its lower
+        bound p_A, draws used = n0 + estimation draws)."""
+        check_args(n0=n0, n=n_max, alpha=alpha, batch_size=batch_size)
+        looks = stats.look_schedule(n_max, first)
+        level = stats.sequential_levels(len(looks), alpha)
+        targets = stats.reachable_targets(radii, self.sigma, n_max, level)
+        if not targets:
+            raise ValueError(f"no radius of {list(radii)} can be certified at sigma {self.sigma} with "
+                             f"n_max = {n_max} draws at alpha = {alpha}: raise n_max")
+        c_hat = stats.top_class(self.sample_counts(x, n0, batch_size, generator))
+        count = drawn = 0
+        for look in looks:
+            count += int(self.sample_counts(x, look - drawn, batch_size, generator)[c_hat])
+            drawn = look
+            if stats.sequential_stop(count, drawn, level, self.sigma, targets):
+                break
+        p_lower = float(stats.lower_confidence_bound(count, drawn, level))
+        if p_lower < 0.5:
+            return ABSTAIN, 0.0, count, p_lower, n0 + drawn
+        return c_hat, stats.radius(self.sigma, p_lower), count, p_lower, n0 + drawn
+
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int,
                 generator: torch.Generator | None = None) -> int:
         """g's prediction at x, or ABSTAIN; a non-abstaining answer is wrong with probability <= alpha."""

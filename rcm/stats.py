@@ -10,6 +10,8 @@ L2 radius sigma * Phi^-1(p_A).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy.stats import beta, binomtest, norm
 
@@ -86,3 +88,53 @@ def max_other_class_upper_bound(counts, exclude: int, alpha: float) -> float:
         return 0.0
     n = counts.sum()
     return float(np.max(upper_confidence_bound(others, n, alpha / len(others))))
+
+
+# ------------------------------------------------------------------------------ sequential certification
+
+def look_schedule(n_max: int, first: int = 100, growth: float = 1.5) -> list[int]:
+    """Cumulative numbers of estimation draws at which a sequential certificate looks: first, then
+    growing by ``growth`` each look (rounded up), and n_max last. Fixed before any draw, so the union
+    bound of ``sequential_levels`` covers every look. A look overshoots the draws an image needed by
+    at most the factor ``growth``; each look costs a share of alpha, but only log(n_max / first) /
+    log(growth) of them are made (18 for n_max = 100 000 from 100 at 1.5)."""
+    if n_max < 1 or first < 1 or not growth > 1:
+        raise ValueError(f"need n_max >= 1, first >= 1, growth > 1; got {n_max}, {first}, {growth}")
+    looks, n = [], min(first, n_max)
+    while n < n_max:
+        looks.append(n)
+        n = max(n + 1, math.ceil(n * growth))
+    return looks + [n_max]
+
+
+def sequential_levels(num_looks: int, alpha: float) -> float:
+    """The level of each look's bound: alpha spent evenly over the looks (a union bound), so the
+    bounds of all looks hold together with probability >= 1 - alpha."""
+    return alpha / num_looks
+
+
+def sequential_stop(k: int, n: int, level: float, sigma: float, targets) -> bool:
+    """Whether a sequential certificate may stop after k of n draws landed on the selected class.
+
+    ``targets`` are the radii that matter (e.g. a report's columns), ascending, each one reachable
+    within n_max. Stop when the lower bound certifies the largest target, or when the upper bound
+    at the same level shows that the next target above the one certified now is out of reach. The
+    rule only decides when to stop: the radius is valid whatever it decides (docs/methods.md)."""
+    lower = float(lower_confidence_bound(k, n, level))
+    above = [r for r in targets if lower < threshold(r, sigma)]
+    if not above:
+        return True
+    return float(upper_confidence_bound(k, n, level)) < threshold(above[0], sigma)
+
+
+def threshold(r: float, sigma: float) -> float:
+    """The p_A that certifies radius r at noise sigma: Phi(r / sigma); for r = 0, just above 1/2
+    (a lower bound of exactly 1/2 abstains)."""
+    return float(np.nextafter(0.5, 1.0)) if r <= 0 else float(norm.cdf(r / sigma))
+
+
+def reachable_targets(radii, sigma: float, n_max: int, level: float) -> list[float]:
+    """The radii a bound at ``level`` can certify with n_max draws at most (all of them on the
+    selected class gives the largest lower bound, level ** (1 / n_max)), ascending."""
+    best = float(lower_confidence_bound(n_max, n_max, level))
+    return sorted(r for r in {float(r) for r in radii} if r >= 0 and threshold(r, sigma) <= best)
