@@ -13,7 +13,8 @@ from scipy.stats import binom, norm
 
 from rcm import stats
 from rcm.smoothing import ABSTAIN, Smooth, noise_generator
-from stubs import Buckets, Constant, Linear2
+from stubs import Buckets, Constant
+from test_smoothing import _linear_setup
 
 
 def naive(monkeypatch):
@@ -51,15 +52,6 @@ def test_every_looks_bound_holds_together_at_rate_alpha(p):
     uncorrected = simulate_exceedance(p, 3200, 25, alpha, trials, seed=1, corrected=False)
     if p < 0.99:  # near 1 a bound cannot exceed p_A with these n: the naive rule is harmless there
         assert uncorrected > binom.ppf(1 - 1e-6, trials, alpha) / trials
-
-
-def _linear_setup(num_images=1500, dim=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(dim, generator=g)
-    model = Linear2(w, b=0.1)
-    xs = torch.rand(num_images, 1, 2, dim // 2, generator=g) * 0.4 - 0.2
-    margin = (xs.flatten(1).double() @ model.w + model.b) / model.w.norm()  # signed distance
-    return model, xs, margin.numpy()
 
 
 def _failures(sigma=0.25, alpha=0.05, n0=10, n_max=1600, first=10):
