@@ -23,6 +23,7 @@ COMMANDS = {
     "certify": ("rcm.certify", "certify one shard of one method at one sigma (or a cascade)"),
     "report": ("rcm.report", "tables, plot and metrics from certificate files"),
     "bench": ("rcm.bench", "benchmarks that print numbers (speed, FLOPs)"),
+    "bench-sequential": ("rcm.bench_sequential", "fixed-n vs sequential certification on the same images"),
 }
 
 

@@ -22,3 +22,21 @@ def test_bench_certify_prints_every_figure(capsys):
     for label in ["FLOPs per sample", "noise samples/s", "achieved FLOP/s", "measured matmul peak", "fraction of peak"]:
         assert re.search(rf"{label}\s*: [0-9.e+]+", out), label
     assert re.search(r"n=200 \(measured\)", out) and re.search(r"n=2000 \(extrapolated", out)
+
+
+def test_bench_sequential_prints_both_rules_per_method_and_sigma(digits_results, monkeypatch, capsys):
+    import rcm.bench_sequential as bench_sequential
+    from stubs import Constant
+
+    monkeypatch.setattr(bench_sequential, "base_classifier",
+                        lambda method, sigma, results, dataset, device: Constant(0, 10))
+    assert cli(["bench-sequential", "--results", str(digits_results), "--methods", "gaussian", "dds",
+                "--sigmas", "0.5", "--n0", "10", "--n", "20000", "--batch_size", "5000", "--skip", "90",
+                "--radii", "0", "0.5", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| gaussian") or line.startswith("| dds")]
+    assert [(r[0].strip("| "), r[2]) for r in rows] == [("gaussian", "fixed"), ("gaussian", "sequential"),
+                                                          ("dds", "fixed"), ("dds", "sequential")]
+    fixed, seq = rows[0], rows[1]
+    assert fixed[3:5] == seq[3:5]  # same certified accuracy at both radii (a constant class-0 model)
+    assert float(seq[5]) < 20010 and seq[8].endswith("x") and float(seq[8][:-1]) > 1

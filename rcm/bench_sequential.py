@@ -1,0 +1,94 @@
+"""`rcm bench sequential`: fixed-n against sequential certification on the same images (numbers, not a test).
+
+For each method and sigma of a finished run, certifies the same test images twice with the same
+noise streams (seed, method, sigma, idx): ``Smooth.certify`` at n and ``Smooth.certify_sequential``
+with n_max = n, stopping on the report's radii. Prints, per (method, sigma), certified accuracy of
+both at each radius, mean and median noise draws per image, the saving in draws, and wall time.
+Writes nothing into the run's results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from rcm import paths
+from rcm.data import load_split
+from rcm.models.factory import base_classifier
+from rcm.options import resolve_device
+from rcm.report import DEFAULT_RADII
+from rcm.smoothing import Smooth, noise_generator
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="digits", choices=paths.DATASETS)
+    p.add_argument("--results", default="results", help="results root of a finished run (its models)")
+    p.add_argument("--methods", nargs="+", default=list(paths.METHODS))
+    p.add_argument("--sigmas", type=float, nargs="+", default=[0.25, 0.5, 1.0])
+    p.add_argument("--radii", type=float, nargs="+", default=list(DEFAULT_RADII), help="target radii")
+    p.add_argument("--n0", type=int, default=100)
+    p.add_argument("--n", type=int, default=100_000, help="fixed n, and the sequential rule's n_max")
+    p.add_argument("--alpha", type=float, default=0.001)
+    p.add_argument("--batch_size", type=int, default=10_000)
+    p.add_argument("--skip", type=int, default=1, help="every skip-th test image")
+    p.add_argument("--max_images", type=int, default=0, help="at most this many images (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+
+def _accuracy(rows: list[tuple[int, float]], label: np.ndarray, radii) -> list[float]:
+    pred = np.array([p for p, _ in rows])
+    rad = np.array([r for _, r in rows])
+    return [float(np.mean((pred == label) & (rad >= r))) for r in radii]
+
+
+def bench_pair(smooth: Smooth, images, labels, idxs, args, method: str, sigma: float) -> dict:
+    """Both rules on the same images and noise streams: accuracies, draws and seconds."""
+    fixed, seq, draws, seconds = [], [], [], {"fixed": 0.0, "sequential": 0.0}
+    for x, idx in zip(images, idxs):
+        start = time.perf_counter()
+        fixed.append(smooth.certify(x, args.n0, args.n, args.alpha, args.batch_size,
+                                    noise_generator(args.seed, method, sigma, idx, x.device)))
+        seconds["fixed"] += time.perf_counter() - start
+        start = time.perf_counter()
+        p, r, used = smooth.certify_sequential(x, args.n0, args.n, args.alpha, args.batch_size, args.radii,
+                                               noise_generator(args.seed, method, sigma, idx, x.device))
+        seconds["sequential"] += time.perf_counter() - start
+        seq.append((p, r))
+        draws.append(used)
+    draws = np.array(draws)
+    return dict(method=method, sigma=sigma, images=len(idxs),
+                fixed=_accuracy(fixed, labels, args.radii), sequential=_accuracy(seq, labels, args.radii),
+                fixed_draws=args.n0 + args.n, mean_draws=float(draws.mean()),
+                median_draws=float(np.median(draws)), p90_draws=float(np.percentile(draws, 90)),
+                seconds=seconds)
+
+
+def main(args) -> None:
+    device = resolve_device(args.device)
+    split = load_split(paths.prepared(args.results, args.dataset, "test"))
+    rows = split.certification_rows(args.skip, args.max_images or None)
+    labels = np.asarray(split.labels[rows])
+    idxs = [int(split.indices[r]) for r in rows]
+    images = [split.float_images(int(r)).to(device) for r in rows]
+    radii = " ".join(f"{r:g}" for r in args.radii)
+    print(f"{len(idxs)} images, n0={args.n0}, n = n_max = {args.n}, alpha={args.alpha}, radii {radii}")
+    print("| method | sigma | rule | " + " | ".join(f"r={r:g}" for r in args.radii)
+          + " | mean draws | median draws | p90 draws | saving | seconds |")
+    print("|---|---|---|" + "---|" * len(args.radii) + "---|---|---|---|---|")
+    for method in args.methods:
+        for sigma in args.sigmas:
+            model = base_classifier(method, sigma, args.results, args.dataset, device)
+            with torch.inference_mode():
+                r = bench_pair(Smooth(model, split.num_classes, sigma), images, labels, idxs, args, method, sigma)
+            for rule in ("fixed", "sequential"):
+                acc = " | ".join(f"{a:.3f}" for a in r[rule])
+                if rule == "fixed":
+                    draws = f"{r['fixed_draws']} | {r['fixed_draws']} | {r['fixed_draws']} | 1.0x"
+                else:
+                    draws = (f"{r['mean_draws']:.0f} | {r['median_draws']:.0f} | {r['p90_draws']:.0f} | "
+                             f"{r['fixed_draws'] / r['mean_draws']:.1f}x")
+                print(f"| {method} | {sigma:g} | {rule} | {acc} | {draws} | {r['seconds'][rule]:.1f} |", flush=True)
