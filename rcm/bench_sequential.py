@@ -1,4 +1,4 @@
-"""`rcm bench sequential`: fixed-n against sequential certification on the same images (numbers, not a test).
+"""`rcm bench-sequential`: fixed-n against sequential certification on the same images (numbers, not a test).
 
 For each method and sigma of a finished run, certifies the same test images twice with the same
 noise streams (seed, method, sigma, idx): ``Smooth.certify`` at n and ``Smooth.certify_sequential``
@@ -13,13 +13,14 @@ import argparse
 import time
 
 import numpy as np
+import pandas as pd
 import torch
 
 from rcm import paths
 from rcm.data import load_split
 from rcm.models.factory import base_classifier
 from rcm.options import resolve_device
-from rcm.report import DEFAULT_RADII
+from rcm.report import DEFAULT_RADII, certified_accuracy
 from rcm.smoothing import Smooth, noise_generator
 
 
@@ -40,9 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _accuracy(rows: list[tuple[int, float]], label: np.ndarray, radii) -> list[float]:
+    """The report's certified accuracy (rcm.report.certified_accuracy) of (prediction, radius) rows."""
     pred = np.array([p for p, _ in rows])
-    rad = np.array([r for _, r in rows])
-    return [float(np.mean((pred == label) & (rad >= r))) for r in radii]
+    frame = pd.DataFrame({"correct": (pred == label).astype(int), "radius": [r for _, r in rows]})
+    return certified_accuracy(frame, radii).tolist()
 
 
 def bench_pair(smooth: Smooth, images, labels, idxs, args, method: str, sigma: float) -> dict:

@@ -298,4 +298,5 @@ def merge_shards(paths: Iterable[str | Path]) -> pd.DataFrame:
     merged = pd.concat(frames, ignore_index=True, sort=False)
     merged = merged.sort_values("idx", kind="stable").reset_index(drop=True)
     merged.attrs["sources"] = [str(p) for p in paths]
+    merged.attrs["files"] = [(str(p), len(f), f.attrs["format"]) for p, f in zip(paths, frames)]
     return merged

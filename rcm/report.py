@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from rcm.atomic import atomic_path, write_text
-from rcm.certificate import ABSTAIN, merge_shards, read_certificate
+from rcm.certificate import ABSTAIN, merge_shards
 from rcm.errors import CertificateError
 from rcm.options import add_options, from_args, option
 from rcm.paths import CASCADE, METHODS, fmt_sigma
@@ -495,9 +495,8 @@ def _sha256(path: Path) -> str:
 def sources(entries: Sequence[Entry]) -> str:
     lines = ["# rcm report: every certificate file read (entry, path, rows, sha256, format read as)"]
     for e in entries:
-        for p in e.paths:
-            frame = read_certificate(p)
-            lines.append(f"{e.name}\t{p}\t{len(frame)}\t{_sha256(p)}\t{frame.attrs['format']}")
+        for path, rows, fmt in e.frame.attrs["files"]:  # as merge_shards read them
+            lines.append(f"{e.name}\t{path}\t{rows}\t{_sha256(Path(path))}\t{fmt}")
     return "\n".join(lines) + "\n"
 
 

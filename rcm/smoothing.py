@@ -67,9 +67,10 @@ class Smooth:
                            first: int = 100) -> tuple[int, float, int]:
         """Prediction, certified L2 radius and noise draws used, stopping early (docs/methods.md).
 
-        Selection on n0 draws as in ``certify``; then estimation in looks of first, 2 first, 4 first,
-        ... n_max cumulative draws, each with a Clopper-Pearson lower bound at alpha / (number of
-        looks), so that all looks' bounds hold together with probability >= 1 - alpha. It stops when
+        Selection on n0 draws as in ``certify``; then estimation at the cumulative draw counts of
+        ``stats.look_schedule(n_max, first)`` (first, then x1.5, n_max last), each look with a
+        Clopper-Pearson lower bound at alpha / (number of looks), so that all looks' bounds hold
+        together with probability >= 1 - alpha. It stops when
         the bound certifies the largest of ``radii`` that n_max draws could, when the upper bound
         shows the next radius out of reach, or at n_max. The guarantee is ``certify``'s: with
         probability >= 1 - alpha, a non-abstaining answer is g's prediction within the radius.

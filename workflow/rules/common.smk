@@ -274,4 +274,4 @@ def _report_file(name: str) -> str:
 
 
 def report_files() -> list[str]:
-    return [str(paths.report_dir(R, D) / name) for name in REPORT_FILES]
+    return [_report_file(name) for name in REPORT_FILES]
