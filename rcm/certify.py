@@ -22,7 +22,7 @@ from rcm.data import load_split
 from rcm.errors import ConfigError
 from rcm.flops import flops_per_sample
 from rcm.models.factory import METHODS, base_classifier
-from rcm.options import add_stage_options, from_args, option, resolve_device
+from rcm.options import add_options, add_stage_options, from_args, option, resolve_device
 from rcm.report import DEFAULT_RADII
 from rcm.smoothing import Smooth, noise_generator
 
@@ -48,6 +48,14 @@ class CertifyOptions:
     seed: int = option(0, "noise seed; image idx uses (seed, method, sigma, idx)")
     shards: int = option(1, "number of shards the images are split into")
     device: str = option("auto", "cpu, cuda, cuda:1, ... or auto")
+
+
+@dataclass
+class SequentialOptions:
+    """Sequential certification (the `sequential` section of the config; used with --sequential)."""
+
+    radii: list[float] = option(list(DEFAULT_RADII), "the target radii each image's sampling stops on "
+                                                     "(the report's radii)")
 
 
 def validate(method: str, sigma: str, shard: int, o: CertifyOptions, sigmas: list[float],
@@ -105,7 +113,7 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
                for s in (sigmas if cascade else [float(sigma)])]
     example = split.float_images(rows[:1])[0].to(device) if len(rows) else None
     flops = [flops_per_sample(m, example) for _, m in members] if example is not None else [0.0]
-    out = paths.certificate(results, dataset, method, sigma, shard, o.shards)
+    out = paths.certificate(results, dataset, method, sigma, shard, o.shards, sequential=sequential)
 
     smooth = None if cascade else Smooth(members[0][1], split.num_classes, members[0][0])
     records = []
@@ -160,10 +168,8 @@ def add_arguments(p) -> None:
                    help="cascade: how alpha is split over the bounds (see rcm/cascade.py)")
     p.add_argument("--sequential", action="store_true",
                    help="stop each image's sampling early (Smooth.certify_sequential); n is then n_max")
-    p.add_argument("--radii", type=float, nargs="+", default=list(DEFAULT_RADII),
-                   help="--sequential: the target radii it stops on (default: the report's, "
-                        f"{' '.join(map(str, DEFAULT_RADII))})")
     add_stage_options(p, CertifyOptions)
+    add_options(p, SequentialOptions)
 
 
 def main(args) -> None:

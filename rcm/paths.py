@@ -64,11 +64,17 @@ def rrcm_finetuned(root: str | Path, dataset: str, sigma: float | str) -> Path:
     return model_dir(root, dataset) / f"rrcm_sigma_{fmt_sigma(sigma)}.pt"
 
 
+SEQUENTIAL = "sequential"  # the folder suffix of a sequential certificate (rcm certify --sequential)
+
+
 def certificate(root: str | Path, dataset: str, method: str, sigma: float | str,
-                shard: int, num_shards: int) -> Path:
-    """Certificate TSV of one shard of one method at one sigma (or sigma='cascade')."""
-    return (Path(root) / dataset / "certify" / method / f"sigma_{fmt_sigma(sigma)}"
-            / f"shard_{shard}-of-{num_shards}.tsv")
+                shard: int, num_shards: int, sequential: bool = False) -> Path:
+    """Certificate TSV of one shard of one method at one sigma (or sigma='cascade').
+
+    A sequential certificate (early stopping, docs/methods.md) of the same grid point lies beside
+    the fixed-n one, in ``sigma_{s}_sequential``, so both modes can be kept and reported together."""
+    folder = f"sigma_{fmt_sigma(sigma)}" + (f"_{SEQUENTIAL}" if sequential else "")
+    return Path(root) / dataset / "certify" / method / folder / f"shard_{shard}-of-{num_shards}.tsv"
 
 
 def report_dir(root: str | Path, dataset: str) -> Path:

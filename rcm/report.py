@@ -38,7 +38,7 @@ from rcm.atomic import atomic_path, write_text
 from rcm.certificate import ABSTAIN, merge_shards
 from rcm.errors import CertificateError
 from rcm.options import add_options, from_args, option
-from rcm.paths import CASCADE, METHODS, fmt_sigma
+from rcm.paths import CASCADE, METHODS, SEQUENTIAL, fmt_sigma
 
 DEFAULT_RADII = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
 _SHARD = re.compile(r"^shard_(\d+)-of-(\d+)\.tsv$")
@@ -75,6 +75,7 @@ class Entry:
     method: str | None = None
     sigma: float | str | None = None  # a float, CASCADE, or None when unknown
     baseline: bool = False
+    sequential: bool = False  # certified with early stopping (a '{method}/sigma_{s}_sequential' folder)
 
     @property
     def per_sigma(self) -> bool:
@@ -107,27 +108,33 @@ def _parse_sigma(text: str) -> float | str:
     return CASCADE if text == CASCADE else float(text)
 
 
-def _entry_key(path: Path) -> tuple[str, str | None, float | str | None, int | None]:
-    """(group key, method, sigma, number of shards) of a certificate path.
+def _entry_key(path: Path) -> tuple[str, str | None, float | str | None, int | None, bool]:
+    """(group key, method, sigma, number of shards, sequential) of a certificate path.
 
-    ``.../{method}/sigma_{s}/shard_k-of-N.tsv`` and ``.../certify/{method}_sigma_{s}.tsv`` are ours;
-    anything else is a standalone entry keyed by its path."""
+    ``.../{method}/sigma_{s}[_sequential]/shard_k-of-N.tsv`` (rcm.paths.certificate) and
+    ``.../certify/{method}_sigma_{s}.tsv`` are ours; anything else is a standalone entry keyed by
+    its path."""
     shard = _SHARD.match(path.name)
-    if shard and path.parent.name.startswith("sigma_"):
+    folder = path.parent.name
+    sequential = folder.endswith(f"_{SEQUENTIAL}")
+    if sequential:
+        folder = folder[:-len(SEQUENTIAL) - 1]
+    if shard and folder.startswith("sigma_"):
         try:
-            sigma = _parse_sigma(path.parent.name[len("sigma_"):])
+            sigma = _parse_sigma(folder[len("sigma_"):])
         except ValueError:
             sigma = None
-        if sigma is not None:
+        if sigma is not None and not (sequential and sigma == CASCADE):
             method = path.parent.parent.name
-            return f"{path.parent.resolve()}|{shard.group(2)}", method, sigma, int(shard.group(2))
+            return (f"{path.parent.resolve()}|{shard.group(2)}", method, sigma, int(shard.group(2)),
+                    sequential)
     merged = _MERGED.match(path.name)
     if merged and path.parent.name == "certify":
         try:
-            return str(path.resolve()), merged.group(1), _parse_sigma(merged.group(2)), None
+            return str(path.resolve()), merged.group(1), _parse_sigma(merged.group(2)), None, False
         except ValueError:
             pass
-    return str(path.resolve()), None, None, None
+    return str(path.resolve()), None, None, None, False
 
 
 def file_label(path: Path) -> str:
@@ -151,10 +158,12 @@ def distinct_labels(paths: Sequence[Path]) -> list[str]:
             depth[i] += 1
 
 
-def entry_name(method: str | None, sigma: float | str | None, path: Path) -> str:
+def entry_name(method: str | None, sigma: float | str | None, path: Path, sequential: bool = False) -> str:
     if method is None:
         return file_label(path)
-    return f"{method}_{CASCADE}" if sigma == CASCADE else f"{method}_sigma_{fmt_sigma(sigma)}"
+    if sigma == CASCADE:
+        return f"{method}_{CASCADE}"
+    return f"{method}_sigma_{fmt_sigma(sigma)}" + (f"_{SEQUENTIAL}" if sequential else "")
 
 
 def _sigma_from_file(frame: pd.DataFrame, path: Path) -> float | None:
@@ -191,9 +200,10 @@ def load_entries(files: Sequence[str | Path], baselines: Sequence[str | Path] = 
     """
     groups: OrderedDict[str, dict] = OrderedDict()
     for path, baseline in [(Path(f), False) for f in files] + [(Path(f), True) for f in baselines]:
-        key, method, sigma, num_shards = _entry_key(path)
+        key, method, sigma, num_shards, sequential = _entry_key(path)
         group = groups.setdefault(key, {"paths": [], "method": method, "sigma": sigma,
-                                        "num_shards": num_shards, "baseline": baseline})
+                                        "num_shards": num_shards, "baseline": baseline,
+                                        "sequential": sequential})
         if path in group["paths"]:
             raise CertificateError(f"{path}: given twice")
         group["paths"].append(path)
@@ -208,9 +218,9 @@ def load_entries(files: Sequence[str | Path], baselines: Sequence[str | Path] = 
         if len(frame) == 0:
             raise CertificateError(f"{', '.join(map(str, paths))}: no certified images")
         sigma = group["sigma"] if group["method"] else _sigma_from_file(frame, paths[0])
-        entries.append(Entry(name=entry_name(group["method"], group["sigma"], paths[0]), frame=frame,
-                             paths=paths, method=group["method"], sigma=sigma,
-                             baseline=group["baseline"]))
+        entries.append(Entry(name=entry_name(group["method"], group["sigma"], paths[0], group["sequential"]),
+                             frame=frame, paths=paths, method=group["method"], sigma=sigma,
+                             baseline=group["baseline"], sequential=group["sequential"]))
 
     standalone = [e for e in entries if e.method is None]
     for entry, label in zip(standalone, distinct_labels([e.paths[0] for e in standalone])):
@@ -236,55 +246,58 @@ def load_entries(files: Sequence[str | Path], baselines: Sequence[str | Path] = 
 
 
 def _ordered(entries: list[Entry]) -> list[Entry]:
-    """Our methods first (METHODS order, sigma ascending, cascade last), then other files as given,
-    then baselines as given."""
+    """Our methods first (METHODS order; fixed n, then sequential; sigma ascending, cascade last),
+    then other files as given, then baselines as given."""
     def key(item: tuple[int, Entry]):
         pos, e = item
         if e.baseline or e.method is None:
-            return (2 if e.baseline else 1, 0, "", 0.0, pos)
+            return (2 if e.baseline else 1, 0, "", False, 0.0, pos)
         rank = METHODS.index(e.method) if e.method in METHODS else len(METHODS)
         sigma = e.sigma if isinstance(e.sigma, float) else math.inf
-        return (0, rank, e.method, sigma, pos)
+        return (0, rank, e.method, e.sequential, sigma, pos)
     return [e for _, e in sorted(enumerate(entries), key=key)]
 
 
 # -------------------------------------------------------------------------------------------- tables
 
 def summary(entries: Sequence[Entry], radii: Sequence[float]) -> pd.DataFrame:
-    """One row per entry, then one '{method}_envelope' row after each method with per-sigma entries.
+    """One row per entry, then one '{method}_envelope' row after each method with per-sigma entries
+    (and one '{method}_sequential_envelope' after its sequential ones: the two modes are not mixed).
 
     Columns: name, method, sigma, kind ('entry', 'baseline', 'envelope'), images, one column per
     radius (certified accuracy), acr, abstain (NaN for envelopes, which mix sigmas), and for
     envelopes 'best_sigma' (the sigma chosen at each radius, space-separated)."""
     rows = []
-    by_method: OrderedDict[str, list[tuple[Entry, np.ndarray]]] = OrderedDict()
+    by_method: OrderedDict[tuple[str, bool], list[tuple[Entry, np.ndarray]]] = OrderedDict()
     for e in entries:
         acc = certified_accuracy(e.frame, radii)
         rows.append({"name": e.name, "method": e.method, "sigma": e.sigma,
                      "kind": "baseline" if e.baseline else "entry", "images": len(e.frame),
                      **dict(zip(radii, acc)), "acr": average_certified_radius(e.frame),
-                     "abstain": abstain_rate(e.frame), "best_sigma": None})
+                     "abstain": abstain_rate(e.frame), "best_sigma": None, "group": (e.method, e.sequential)})
         if e.per_sigma:
-            by_method.setdefault(e.method, []).append((e, acc))
+            by_method.setdefault((e.method, e.sequential), []).append((e, acc))
     out = []
     for row in rows:
+        key = row.pop("group")
         out.append(row)
-        group = by_method.get(row["method"]) if row["kind"] == "entry" else None
+        group = by_method.get(key) if row["kind"] == "entry" else None
         is_last = group is not None and group[-1][0].name == row["name"]
         if is_last and len({frozenset(e.frame["idx"]) for e, _ in group}) > 1:
             # each sigma's accuracy would have another denominator: no honest best-per-radius row
             print(f"rcm report: no envelope for '{row['method']}': its sigma entries certify different "
                   f"images ({', '.join(f'{e.name}: {len(e.frame)}' for e, _ in group)})", file=sys.stderr)
         elif is_last:
-            out.append(_envelope_row(row["method"], group, radii))
+            out.append(_envelope_row(row["method"], group, radii, group[0][0].sequential))
     return pd.DataFrame(out)
 
 
-def _envelope_row(method: str, group: list[tuple[Entry, np.ndarray]], radii) -> dict:
+def _envelope_row(method: str, group: list[tuple[Entry, np.ndarray]], radii, sequential: bool) -> dict:
     table = np.stack([acc for _, acc in group])  # (num_sigmas, num_radii)
     best = table.argmax(axis=0)  # first maximum: entries are in ascending sigma
     sigmas = [group[i][0].sigma for i in best]
-    return {"name": f"{method}_envelope", "method": method, "sigma": None, "kind": "envelope",
+    name = f"{method}_{SEQUENTIAL}_envelope" if sequential else f"{method}_envelope"
+    return {"name": name, "method": method, "sigma": None, "kind": "envelope",
             "images": min(len(e.frame) for e, _ in group),
             **{r: table[b, j] for j, (r, b) in enumerate(zip(radii, best))},
             "acr": math.nan, "abstain": math.nan,
@@ -381,26 +394,34 @@ def cost(entries: Sequence[Entry]) -> pd.DataFrame:
         if drawn is not None and f["time"].sum() > 0:
             samples = float(drawn.sum() / f["time"].sum())
         mean_draws = float(drawn.mean()) if drawn is not None else math.nan
+        # a sequential certificate's n is its n_max: the fixed-n run it replaces draws n0 + n
+        saving = (float((f["n0"] + f["n"]).mean()) / mean_draws
+                  if "sequential" in f.columns and {"n0", "n"} <= set(f.columns) and mean_draws > 0
+                  else math.nan)
         rows.append({"name": e.name, "method": e.method,
                      "sigma": None if e.sigma is None else fmt_sigma(e.sigma),
                      "images": len(f), "seconds_per_image": float(f["time"].mean()),
                      "total_seconds": float(f["time"].sum()), "flops_per_image": flops,
-                     "samples_per_second": samples, "draws_per_image": mean_draws})
+                     "samples_per_second": samples, "draws_per_image": mean_draws,
+                     "draws_saving": saving})
     return pd.DataFrame(rows)
 
 
 def cost_markdown(table: pd.DataFrame) -> str:
     def fmt(value, spec):
         return "" if pd.isna(value) else format(value, spec)
-    lines = ["| name | images | seconds / image | noise draws / image | FLOPs / image | samples / s | total seconds |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| name | images | seconds / image | noise draws / image | fewer draws than fixed n "
+             "| FLOPs / image | samples / s | total seconds |",
+             "|---|---|---|---|---|---|---|---|"]
     for _, r in table.iterrows():
+        saving = "" if pd.isna(r["draws_saving"]) else f"{r['draws_saving']:.1f}×"
         lines.append(f"| {r['name']} | {r['images']} | {fmt(r['seconds_per_image'], '.4g')} | "
-                     f"{fmt(r['draws_per_image'], '.6g')} | {fmt(r['flops_per_image'], '.4g')} | "
+                     f"{fmt(r['draws_per_image'], '.6g')} | {saving} | {fmt(r['flops_per_image'], '.4g')} | "
                      f"{fmt(r['samples_per_second'], '.4g')} | {fmt(r['total_seconds'], '.6g')} |")
     note = ("\nSeconds come from each certificate's `time` column (measured on the machine that "
             "certified it; published logs ran elsewhere). FLOPs only where the certificate has a "
-            "`flops` column.\n")
+            "`flops` column. Sequential entries (`*_sequential`) stop each image's sampling early; "
+            "their saving is n0 + n_max over their mean draws per image.\n")
     return "\n".join(lines) + "\n" + note
 
 
@@ -435,9 +456,9 @@ _METHOD_COLOURS = ("Blues", "Oranges", "Greens", "Purples", "Reds", "YlOrBr", "P
 
 
 def line_styles(entries: Sequence[Entry]) -> dict[str, dict]:
-    """Matplotlib style per entry name: one colour family per method, darker for larger sigma, the
-    cascade dash-dotted in the method's darkest shade; baselines dashed grey; other files from the
-    default colour cycle."""
+    """Matplotlib style per entry name: one colour family per method, darker for larger sigma, a
+    sequential entry dotted in its fixed-n twin's shade, the cascade dash-dotted in the method's
+    darkest shade; baselines dashed grey; other files from the default colour cycle."""
     from matplotlib import colormaps
 
     methods = list(OrderedDict.fromkeys(e.method for e in entries if e.method and not e.baseline))
@@ -452,10 +473,10 @@ def line_styles(entries: Sequence[Entry]) -> dict[str, dict]:
             cycle += 1
         else:
             cmap = colormaps[_METHOD_COLOURS[methods.index(e.method) % len(_METHOD_COLOURS)]]
-            same = [f for f in entries if f.method == e.method and f.per_sigma]
+            same = sorted({f.sigma for f in entries if f.method == e.method and f.per_sigma})
             if e.per_sigma:
-                shade = 0.45 + 0.45 * same.index(e) / max(len(same) - 1, 1)
-                styles[e.name] = dict(color=cmap(shade), linestyle="-")
+                shade = 0.45 + 0.45 * same.index(e.sigma) / max(len(same) - 1, 1)
+                styles[e.name] = dict(color=cmap(shade), linestyle=":" if e.sequential else "-")
             else:  # cascade
                 styles[e.name] = dict(color=cmap(1.0), linestyle="-.")
     return styles

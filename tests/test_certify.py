@@ -118,19 +118,21 @@ def test_validate_rejects_before_loading_models():
 
 def test_sequential_certificates_record_draws_and_match_fixed_n_at_the_targets(digits_results, stub_models,
                                                                                  tmp_path):
-    """`rcm certify --sequential`: n is n_max, each row records the draws used, and the report's cost
-    table shows the mean; the prediction is the fixed-n one (same selection draws)."""
+    """`rcm certify --sequential`: n is n_max, each row records the draws used, the certificate lies
+    beside the fixed-n one (sigma_{s}_sequential), and the report's cost table shows the mean and the
+    saving; the prediction is the fixed-n one (same selection draws)."""
     common = ["certify", "--dataset", "digits", "--results", str(digits_results), "--method", "gaussian",
               "--sigma", "0.5", "--n0", "20", "--n", "4000", "--alpha", "0.01", "--batch_size", "500",
               "--skip", "36", "--device", "cpu"]
     fixed = paths.certificate(digits_results, "digits", "gaussian", "0.5", 0, 1)
+    sequential = paths.certificate(digits_results, "digits", "gaussian", "0.5", 0, 1, sequential=True)
+    assert sequential.parent.name == "sigma_0.5_sequential"
     assert cli(common) == 0
     fixed_rows = read_certificate(fixed)
     assert (fixed_rows["samples"] == 20 + 4000).all()
-    fixed_copy = tmp_path / "fixed.tsv"
-    fixed_copy.write_bytes(fixed.read_bytes())
     assert cli(common + ["--sequential", "--radii", "0", "0.25", "0.5"]) == 0
-    seq = read_certificate(fixed)
+    assert read_certificate(fixed).equals(fixed_rows)  # the fixed-n certificate is left as it was
+    seq = read_certificate(sequential)
     assert (seq["sequential"] == 1).all() and (seq["radii"] == "0 0.25 0.5").all()
     assert (seq["n"] == 4000).all() and (seq["samples"] <= 4020).all() and (seq["samples"] < 4020).any()
     assert seq["flops"].tolist() == pytest.approx((fixed_rows["flops"] / 4020 * seq["samples"]).tolist())
@@ -138,11 +140,13 @@ def test_sequential_certificates_record_draws_and_match_fixed_n_at_the_targets(d
     both = (seq["predict"] != -1) & (fixed_rows["predict"] != -1)
     assert (seq["predict"][both] == fixed_rows["predict"][both]).all()
     out = tmp_path / "report"
-    assert cli(["report", str(fixed_copy), str(fixed), "--names", "fixed", "sequential", "--out", str(out)]) == 0
+    assert cli(["report", str(fixed), str(sequential), "--out", str(out)]) == 0
     import pandas as pd
     cost = pd.read_csv(out / "cost.csv").set_index("name")
-    assert cost.loc["fixed", "draws_per_image"] == 4020
-    assert cost.loc["sequential", "draws_per_image"] == pytest.approx(seq["samples"].mean())
+    assert cost.loc["gaussian_sigma_0.5", "draws_per_image"] == 4020
+    assert cost.loc["gaussian_sigma_0.5_sequential", "draws_per_image"] == pytest.approx(seq["samples"].mean())
+    assert cost.loc["gaussian_sigma_0.5_sequential", "draws_saving"] == pytest.approx(4020 / seq["samples"].mean())
+    assert "×" in (out / "cost.md").read_text()
 
 
 def test_sequential_is_refused_for_cascades(digits_results, stub_models):

@@ -89,6 +89,38 @@ def _ours(root, method, sigma, shard, num_shards, records, **extra):
                              extra_columns=list(extra))
 
 
+def test_sequential_certificates_sit_beside_fixed_n_ones(tmp_path):
+    """`sigma_{s}_sequential` folders are their own entries, after the method's fixed-n ones, with
+    their own envelope (modes are not mixed), a dotted curve in the fixed twin's colour, and the
+    cost table's saving = (n0 + n_max) / mean draws."""
+    from rcm.report import cost, line_styles
+
+    root = tmp_path / "results"
+    fixed = dict(n0=10, n=90, samples=100)
+    files = []
+    for sigma in (0.25, 0.5):
+        files.append(_ours(root, "gaussian", sigma, 0, 1, [(0, 0, 0.6), (1, 1, 0.2)], **fixed))
+        rows = [dict(idx=i, label=i, predict=i, radius=r, time=0.1, n0=10, n=90, samples=m, sequential=1)
+                for i, (r, m) in enumerate([(0.5, 20), (0.1, 30)])]
+        files.append(write_certificate(paths.certificate(root, "digits", "gaussian", sigma, 0, 1, True), rows,
+                                       extra_columns=["n0", "n", "samples", "sequential"]))
+    entries = load_entries(files)
+    assert [e.name for e in entries] == ["gaussian_sigma_0.25", "gaussian_sigma_0.5",
+                                         "gaussian_sigma_0.25_sequential", "gaussian_sigma_0.5_sequential"]
+    assert [e.sequential for e in entries] == [False, False, True, True]
+    table = summary(entries, [0.0, 0.5])
+    assert table.name.tolist() == [e.name for e in entries[:2]] + ["gaussian_envelope"] + [
+        e.name for e in entries[2:]] + ["gaussian_sequential_envelope"]
+    c = cost(entries).set_index("name")
+    assert c.loc["gaussian_sigma_0.5_sequential", "draws_per_image"] == 25
+    assert c.loc["gaussian_sigma_0.5_sequential", "draws_saving"] == pytest.approx(100 / 25)
+    assert np.isnan(c.loc["gaussian_sigma_0.5", "draws_saving"])
+    styles = line_styles(entries)
+    assert styles["gaussian_sigma_0.5_sequential"]["color"] == styles["gaussian_sigma_0.5"]["color"]
+    assert styles["gaussian_sigma_0.5_sequential"]["linestyle"] == ":"
+    assert styles["gaussian_sigma_0.25"]["color"] != styles["gaussian_sigma_0.5"]["color"]
+
+
 def test_shards_group_into_named_entries_in_method_order(tmp_path):
     root = tmp_path / "results"
     files = [

@@ -41,6 +41,7 @@ SECTIONS = {
     "rrcm_finetune": ("rcm.train.rrcm_finetune", "FinetuneOptions"),
     "certify": ("rcm.certify", "CertifyOptions"),
     "report": ("rcm.report", "ReportOptions"),
+    "sequential": ("rcm.certify", "SequentialOptions"),
 }
 # rcm subcommand -> the config sections rendered into its flags
 COMMAND_SECTIONS = {
@@ -399,6 +400,33 @@ def test_removing_a_method_removes_its_jobs(fresh, tmp_path, methods, cascades, 
         assert classifiers == {"classifier_sigma_0.0.pt"} and "certify_cascade" in rules
 
 
+@pytest.mark.parametrize("methods, sequential", [([], ["rrcm"]), (["gaussian"], ["gaussian"])])
+def test_sequential_methods_are_certified_beside_or_instead_of_fixed_n(fresh, tmp_path, methods, sequential):
+    """`sequential_methods` adds a `sigma_{s}_sequential` certificate per (method, sigma, shard),
+    from the same models; with `methods: []` only those are certified, and only their models train."""
+    from rcm import paths
+
+    cfg = load_config(fresh / "config/config.yaml")
+    data = {"methods": methods, "cascades": [], "sequential_methods": sequential}
+    jobs = dry_run(fresh, "--configfile", overlay(tmp_path, "sequential", data))
+    shards = cfg["certify"]["shards"]
+    seq = {o for j in jobs if j.rule == "certify_sequential" for o in j.outputs}
+    assert seq == {str(paths.certificate("results", "digits", m, s, k, shards, sequential=True))
+                   for m in sequential for s in cfg["sigmas"] for k in range(shards)}
+    assert all("_sequential/" in o for o in seq)
+    fixed = {o for j in jobs if j.rule == "certify" for o in j.outputs}
+    assert {Path(o).parts[-3] for o in fixed} == set(methods)
+    (report,) = [j for j in jobs if j.rule == "report"]
+    assert {f for f in report.inputs if f.endswith(".tsv")} == seq | fixed
+    for job in jobs:
+        if job.rule == "certify_sequential":
+            tokens = rcm_tokens(job.shell)
+            assert "--sequential" in tokens and parse_rcm(tokens).radii == cfg["sequential"]["radii"]
+    if not methods:  # rrcm alone: nothing of the denoiser or classifier families runs
+        assert {j.rule for j in jobs} == {"prepare", "pretrain_rrcm", "finetune_rrcm",
+                                          "certify_sequential", "report"}
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_command_parses_with_the_stage_flags(tmp_path, config):
     """Each job's command parses with `rcm`'s own parser, and every flag comes back as the config
@@ -417,7 +445,8 @@ def test_every_command_parses_with_the_stage_flags(tmp_path, config):
     for job in jobs:
         tokens = rcm_tokens(job.shell)
         parsed = vars(parse_rcm(tokens))
-        for section in COMMAND_SECTIONS[tokens[1]]:
+        sections = COMMAND_SECTIONS[tokens[1]] + (["sequential"] if parsed.get("sequential") else [])
+        for section in sections:
             for key, value in cfg[section].items():
                 assert parsed[key] == value, f"{tokens[1]} --{key}: {parsed[key]!r} != config {value!r}"
         if "--sigma" in tokens and parsed["sigma"] == "cascade":
@@ -480,6 +509,10 @@ BAD_CONFIGS = {
     "cascade over an unknown sigma": ({"cascades": [{"method": "mdds", "flags": {"sigmas": [2.0], "p0": 0.5}}]},
                                       "cascades.0.flags.sigmas"),
     "cascade of a method not run": ({"methods": ["gaussian"]}, "cascades.0.method: 'mdds' is not in methods"),
+    "nothing to certify": ({"methods": [], "cascades": [], "sequential_methods": []},
+                           "methods: empty, and so is sequential_methods"),
+    "negative sequential radius": ({"sequential": {"radii": [-0.5]}}, "sequential.radii.0"),
+    "unknown sequential method": ({"sequential_methods": ["cohen"]}, "sequential_methods.0"),
     "missing CIFAR-10 root": ({"dataset": "cifar10", "data": {"root": "no/such/dir"}}, "data.root"),
     "missing ImageNet root": ({"dataset": "imagenet", "data": {"root": "no/such/dir"}}, "data.root"),
     "missing pretrained denoiser": ({"denoiser": {"pretrained": "no/such/ddpm"}}, "denoiser.pretrained"),
@@ -530,7 +563,8 @@ def test_tiny_run_makes_every_output(tiny_run):
     assert {p.name for p in report.iterdir() if not p.name.startswith(".")} == REPORT_FILES  # DVC adds .gitignore
     sources = (report / "sources.txt").read_text()
     shards = sorted((repo / "results" / cfg["dataset"] / "certify").rglob("shard_*.tsv"))
-    assert len(shards) == (len(cfg["methods"]) * len(cfg["sigmas"]) + len(cfg["cascades"])) * cfg["certify"]["shards"]
+    per_shard = (len(cfg["methods"]) + len(cfg["sequential_methods"])) * len(cfg["sigmas"]) + len(cfg["cascades"])
+    assert len(shards) == per_shard * cfg["certify"]["shards"]
     assert all(str(p.relative_to(repo)) in sources for p in shards)
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics
@@ -595,13 +629,15 @@ def test_added_sigma_runs_only_its_jobs(tiny_run, tmp_path):
     repo = clone(tiny_run.path, tmp_path / "repo")
     _edit_config(repo, lambda c: c.update(sigmas=c["sigmas"] + [1.0]))
     jobs = dry_run(repo)
-    assert {j.rule for j in jobs} == {"train_classifier", "finetune_rrcm", "certify", "report"}
+    assert {j.rule for j in jobs} == {"train_classifier", "finetune_rrcm", "certify", "certify_sequential",
+                                      "report"}
     new = [o for j in jobs if j.rule != "report" for o in j.outputs]
     assert all("sigma_1.0" in o for o in new), new
-    assert len([o for o in new if "/certify/" in o]) == 4 * 2  # four methods, two shards
+    assert len([o for o in new if "/certify/" in o]) == (4 + 1) * 2  # four methods and sequential gaussian, two shards
     changed = dvc_changed(repo)
     assert changed == {"train-classifier@1.0", "finetune-rrcm@1.0"} | {
-        f"certify-{m}@1.0-{k}" for m in ("gaussian", "dds", "mdds", "rrcm") for k in (0, 1)}
+        f"certify-{m}@1.0-{k}" for m in ("gaussian", "dds", "mdds", "rrcm") for k in (0, 1)} | {
+        f"certify-sequential@gaussian-1.0-{k}" for k in (0, 1)}
 
 
 @pytest.mark.slow
@@ -609,10 +645,10 @@ def test_changed_certify_n_reruns_certification_not_training(tiny_run, tmp_path)
     repo = clone(tiny_run.path, tmp_path / "repo")
     _edit_config(repo, lambda c: c["certify"].update(n=60))
     jobs = dry_run(repo)
-    assert {j.rule for j in jobs} == {"certify", "certify_cascade", "report"}
-    assert len(jobs) == 16 + 2 + 1
+    assert {j.rule for j in jobs} == {"certify", "certify_cascade", "certify_sequential", "report"}
+    assert len(jobs) == 16 + 2 + 4 + 1
     changed = dvc_changed(repo)
-    assert changed and all(name.startswith("certify-") for name in changed) and len(changed) == 18
+    assert changed and all(name.startswith("certify-") for name in changed) and len(changed) == 22
 
 
 @pytest.mark.slow
@@ -741,12 +777,13 @@ def test_config_overrides_rerun_only_what_depends_on_them(tiny_run):
     """`--config` is how a user reruns one setting: n changes certification and the report only; a
     smaller sigma grid (and no cascade) leaves only the report to redo, over fewer certificates."""
     jobs = dry_run(tiny_run.path, "--config", 'certify={"n": 100}')
-    assert {j.rule for j in jobs} == {"certify", "certify_cascade", "report"} and len(jobs) == 16 + 2 + 1
+    assert {j.rule for j in jobs} == {"certify", "certify_cascade", "certify_sequential", "report"}
+    assert len(jobs) == 16 + 2 + 4 + 1
     assert all(vars(parse_rcm(rcm_tokens(j.shell)))["n"] == 100 for j in jobs if j.rule.startswith("certify"))
     jobs = dry_run(tiny_run.path, "--config", "sigmas=[0.25]", "cascades=[]")
     assert [j.rule for j in jobs] == ["report"]
     certificates = [f for f in jobs[0].inputs if f.endswith(".tsv")]
-    assert len(certificates) == 4 * 2 and all("/sigma_0.25/" in f for f in certificates)
+    assert len(certificates) == (4 + 1) * 2 and all("/sigma_0.25" in f for f in certificates)
 
 
 @pytest.mark.slow
@@ -759,7 +796,8 @@ def test_dvc_plots_draw_a_curve_per_entry(tiny_run):
     series = {row["name"] for row in content["data"]["values"]}
     tidy = pd.read_csv(tiny_run.path / "results/digits/report/certified_accuracy.csv")
     assert series == set(tidy[tidy.kind != "envelope"].name)
-    assert len(series) == 4 * 2 + 1  # four methods at two sigmas, and the mdds cascade
+    assert len(series) == (4 + 1) * 2 + 1  # four methods and sequential gaussian at two sigmas, the mdds cascade
+    assert {"gaussian_sigma_0.25_sequential", "gaussian_sigma_0.5_sequential"} <= series
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-# One job per certificate shard: (method, sigma, shard), and (cascade, shard) per configured cascade.
+# One job per certificate shard: (method, sigma, shard), (cascade, shard) per configured cascade, and
+# (method, sigma, shard) again for each of `sequential_methods`, certified with early stopping.
 
 
 rule certify:
@@ -46,3 +47,28 @@ rule certify_cascade:
         "{RCM} --threads {threads} certify --dataset {params.dataset} --results {params.results}"
         " --method {wildcards.method} --sigma cascade --shard {wildcards.shard}"
         " {params.flags} {params.cascade} > {log} 2>&1"
+
+
+rule certify_sequential:
+    input:
+        test=str(paths.prepared(R, D, "test")),
+        models=certify_models,
+        code=CODE["certify"],
+    output:
+        str(paths.certificate(R, D, "{method}", "{sigma}", "{shard}", SHARDS, sequential=True)),
+    wildcard_constraints:
+        method="|".join(SEQUENTIAL_METHODS) or "(?!)",  # only the configured ones
+    params:
+        dataset=D,
+        results=R,
+        flags=flags(config["certify"]),
+        sequential=flags(config["sequential"]),
+    log:
+        log("certify", "{method}/sigma_{sigma}_sequential/shard_{shard}"),
+    benchmark:
+        bench("certify", "{method}.sigma_{sigma}_sequential.shard_{shard}")
+    threads: 1
+    shell:
+        "{RCM} --threads {threads} certify --dataset {params.dataset} --results {params.results}"
+        " --method {wildcards.method} --sigma {wildcards.sigma} --shard {wildcards.shard}"
+        " {params.flags} --sequential {params.sequential} > {log} 2>&1"

@@ -53,6 +53,8 @@ def _semantic_errors(cfg: dict) -> list[str]:
             lines.append(f"{name}: a noise level is listed twice: {values}")
     if len(set(cfg["methods"])) != len(cfg["methods"]):
         lines.append(f"methods: a method is listed twice: {cfg['methods']}")
+    if not cfg["methods"] and not cfg["sequential_methods"]:
+        lines.append("methods: empty, and so is sequential_methods: nothing would be certified")
     shards = cfg["certify"]["shards"]
     if cfg["shard_ids"] != list(range(shards)):
         lines.append(f"shard_ids: must list 0 .. certify.shards - 1 = {list(range(shards))} "
@@ -155,6 +157,7 @@ R = config["results"]
 SIGMAS = [paths.fmt_sigma(s) for s in config["sigmas"]]
 SHARDS = config["certify"]["shards"]
 CASCADES = {c["method"]: c for c in config["cascades"]}
+SEQUENTIAL_METHODS = config["sequential_methods"]
 BASELINE_FILES = [str(parse_baseline(item)[1]) for item in config["report"]["baselines"]]
 
 
@@ -261,9 +264,12 @@ def cascade_models(wildcards) -> list[str]:
 
 
 def certificates() -> list[str]:
-    """Every certificate shard of the configured methods, sigmas and cascades."""
+    """Every certificate shard of the configured methods, sigmas and cascades, and the sequential
+    ones of `sequential_methods`."""
     files = [str(paths.certificate(R, D, m, s, k, SHARDS))
              for m in config["methods"] for s in SIGMAS for k in range(SHARDS)]
+    files += [str(paths.certificate(R, D, m, s, k, SHARDS, sequential=True))
+              for m in SEQUENTIAL_METHODS for s in SIGMAS for k in range(SHARDS)]
     files += [str(paths.certificate(R, D, m, paths.CASCADE, k, SHARDS))
               for m in CASCADES for k in range(SHARDS)]
     return files
