@@ -3,8 +3,9 @@
 For each method and sigma of a finished run, certifies the same test images twice with the same
 noise streams (seed, method, sigma, idx): ``Smooth.certify`` at n and ``Smooth.certify_sequential``
 with n_max = n, stopping on the report's radii. Prints, per (method, sigma), certified accuracy of
-both at each radius, mean and median noise draws per image, the saving in draws, and wall time.
-Writes nothing into the run's results.
+both at each radius, mean, median and 90th percentile of noise draws per image, the saving in
+draws, wall time, and how many images stopped within 1 000, 10 000, later, or ran to n0 + n_max
+draws. Writes nothing into the run's results (``--draws_csv``: the per-image rows, elsewhere).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from rcm import paths
 from rcm.data import load_split
 from rcm.models.factory import base_classifier
+from rcm.atomic import write_text
 from rcm.options import resolve_device
 from rcm.report import DEFAULT_RADII, certified_accuracy
 from rcm.smoothing import Smooth, noise_generator
@@ -38,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max_images", type=int, default=0, help="at most this many images (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--draws_csv", default="", help="also write one row per (method, sigma, image): both "
+                                                   "rules' prediction and radius, and the draws used")
 
 
 def _accuracy(rows: list[tuple[int, float]], label: np.ndarray, radii) -> list[float]:
@@ -50,6 +54,7 @@ def _accuracy(rows: list[tuple[int, float]], label: np.ndarray, radii) -> list[f
 def bench_pair(smooth: Smooth, images, labels, idxs, args, method: str, sigma: float) -> dict:
     """Both rules on the same images and noise streams: accuracies, draws and seconds."""
     fixed, seq, draws, seconds = [], [], [], {"fixed": 0.0, "sequential": 0.0}
+    per_image = []
     for x, idx in zip(images, idxs):
         start = time.perf_counter()
         fixed.append(smooth.certify(x, args.n0, args.n, args.alpha, args.batch_size,
@@ -61,12 +66,17 @@ def bench_pair(smooth: Smooth, images, labels, idxs, args, method: str, sigma: f
         seconds["sequential"] += time.perf_counter() - start
         seq.append((p, r))
         draws.append(used)
+        per_image.append(dict(method=method, sigma=sigma, idx=idx, fixed_predict=fixed[-1][0],
+                              fixed_radius=fixed[-1][1], sequential_predict=p, sequential_radius=r, draws=used))
     draws = np.array(draws)
+    full = args.n0 + args.n
+    buckets = [int((draws <= 1_000).sum()), int(((draws > 1_000) & (draws <= 10_000)).sum()),
+               int(((draws > 10_000) & (draws < full)).sum()), int((draws >= full).sum())]
     return dict(method=method, sigma=sigma, images=len(idxs),
                 fixed=_accuracy(fixed, labels, args.radii), sequential=_accuracy(seq, labels, args.radii),
-                fixed_draws=args.n0 + args.n, mean_draws=float(draws.mean()),
+                fixed_draws=full, mean_draws=float(draws.mean()),
                 median_draws=float(np.median(draws)), p90_draws=float(np.percentile(draws, 90)),
-                seconds=seconds)
+                buckets=buckets, seconds=seconds, per_image=per_image)
 
 
 def main(args) -> None:
@@ -79,13 +89,15 @@ def main(args) -> None:
     radii = " ".join(f"{r:g}" for r in args.radii)
     print(f"{len(idxs)} images, n0={args.n0}, n = n_max = {args.n}, alpha={args.alpha}, radii {radii}")
     print("| method | sigma | rule | " + " | ".join(f"r={r:g}" for r in args.radii)
-          + " | mean draws | median draws | p90 draws | saving | seconds |")
-    print("|---|---|---|" + "---|" * len(args.radii) + "---|---|---|---|---|")
+          + " | mean draws | median draws | p90 draws | saving | seconds | draws <=1k / <=10k / more / all |")
+    print("|---|---|---|" + "---|" * len(args.radii) + "---|---|---|---|---|---|")
+    per_image = []
     for method in args.methods:
         for sigma in args.sigmas:
             model = base_classifier(method, sigma, args.results, args.dataset, device)
             with torch.inference_mode():
                 r = bench_pair(Smooth(model, split.num_classes, sigma), images, labels, idxs, args, method, sigma)
+            per_image += r["per_image"]
             for rule in ("fixed", "sequential"):
                 acc = " | ".join(f"{a:.3f}" for a in r[rule])
                 if rule == "fixed":
@@ -93,4 +105,8 @@ def main(args) -> None:
                 else:
                     draws = (f"{r['mean_draws']:.0f} | {r['median_draws']:.0f} | {r['p90_draws']:.0f} | "
                              f"{r['fixed_draws'] / r['mean_draws']:.1f}x")
-                print(f"| {method} | {sigma:g} | {rule} | {acc} | {draws} | {r['seconds'][rule]:.1f} |", flush=True)
+                spread = " / ".join(map(str, r["buckets"])) if rule == "sequential" else ""
+                print(f"| {method} | {sigma:g} | {rule} | {acc} | {draws} | {r['seconds'][rule]:.1f} | {spread} |",
+                      flush=True)
+    if args.draws_csv:
+        write_text(args.draws_csv, pd.DataFrame(per_image).to_csv(index=False))

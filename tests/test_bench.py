@@ -2,6 +2,7 @@
 
 import re
 
+import pytest
 import torch
 from torch import nn
 
@@ -32,7 +33,7 @@ def test_bench_sequential_prints_both_rules_per_method_and_sigma(digits_results,
                         lambda method, sigma, results, dataset, device: Constant(0, 10))
     assert cli(["bench-sequential", "--results", str(digits_results), "--methods", "gaussian", "dds",
                 "--sigmas", "0.5", "--n0", "10", "--n", "20000", "--batch_size", "5000", "--skip", "90",
-                "--radii", "0", "0.5", "--device", "cpu"]) == 0
+                "--radii", "0", "0.5", "--device", "cpu", "--draws_csv", str(digits_results / "draws.csv")]) == 0
     out = capsys.readouterr().out
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| gaussian") or line.startswith("| dds")]
     assert [(r[0].strip("| "), r[2]) for r in rows] == [("gaussian", "fixed"), ("gaussian", "sequential"),
@@ -40,3 +41,10 @@ def test_bench_sequential_prints_both_rules_per_method_and_sigma(digits_results,
     fixed, seq = rows[0], rows[1]
     assert fixed[3:5] == seq[3:5]  # same certified accuracy at both radii (a constant class-0 model)
     assert float(seq[5]) < 20010 and seq[8].endswith("x") and float(seq[8][:-1]) > 1
+    import pandas as pd
+    draws = pd.read_csv(digits_results / "draws.csv")
+    assert len(draws) == 2 * len(draws.idx.unique()) and set(draws.method) == {"gaussian", "dds"}
+    assert float(seq[5]) == pytest.approx(draws[draws.method == "gaussian"].draws.mean(), abs=0.5)
+    assert [int(c) for c in seq[10].rstrip(" |").split(" / ")] == [  # the draws' spread: <=1k, <=10k, more, all 20010
+        (draws.draws <= 1000).sum() // 2, ((draws.draws > 1000) & (draws.draws <= 10000)).sum() // 2,
+        ((draws.draws > 10000) & (draws.draws < 20010)).sum() // 2, (draws.draws == 20010).sum() // 2]
