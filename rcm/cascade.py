@@ -47,6 +47,16 @@ def stage_alpha(alpha: float, k: int, num_stages: int, split: str = "uniform") -
     raise ValueError(f"alpha_split must be one of {ALPHA_SPLITS}, got '{split}'")
 
 
+def guaranteed_alpha(alpha: float, num_stages: int, split: str = "uniform") -> float:
+    """The failure probability a K-stage cascade's certificate is guaranteed by the union bound over
+    every bound it may rely on: the K lower bounds (stage k's at alpha_k) and, per scale j < K, the
+    off-class bound at sigma_j, which a stage k > j computes at alpha_k: its failure at the largest
+    of those levels, alpha_{j+1}, contains the others. 'uniform': alpha; 'harmonic' (alpha_k =
+    alpha / k): alpha H_K + alpha (H_K - 1) = alpha (2 H_K - 1)."""
+    levels = [stage_alpha(alpha, k, num_stages, split) for k in range(1, num_stages + 1)]
+    return float(sum(levels) + sum(levels[1:]))
+
+
 @dataclass
 class CascadeResult:
     prediction: int          # class, or ABSTAIN

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from tqdm import tqdm
 
 from rcm import paths
-from rcm.cascade import ALPHA_SPLITS, certify_cascade
+from rcm.cascade import ALPHA_SPLITS, certify_cascade, guaranteed_alpha
 from rcm.certificate import write_certificate
 from rcm.data import load_split
 from rcm.errors import ConfigError
@@ -31,8 +31,9 @@ from rcm.smoothing import Smooth, noise_generator
 EXTRA_COLUMNS = ("sigma", "n0", "n", "alpha", "count_a", "p_a_lower", "seed", "batch_size", "flops", "samples")
 # --sequential: n is n_max, samples the draws used (n0 + estimation), radii the targets it stopped on
 SEQUENTIAL_COLUMNS = EXTRA_COLUMNS + ("sequential", "radii")
-CASCADE_COLUMNS = ("sigma", "stage", "n0", "n", "alpha", "alpha_split", "p0", "count_a", "p_a_lower",
-                   "seed", "batch_size", "flops")
+# alpha_guaranteed: the level the union bound guarantees (alpha unless the split is 'harmonic')
+CASCADE_COLUMNS = ("sigma", "stage", "n0", "n", "alpha", "alpha_split", "alpha_guaranteed", "p0", "count_a",
+                   "p_a_lower", "seed", "batch_size", "flops")
 
 
 @dataclass
@@ -131,6 +132,7 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
             prediction, radius = r.prediction, r.radius
             stages = (r.stage or len(members))
             extra = dict(sigma=r.sigma, stage=r.stage, p0=p0, alpha_split=alpha_split,
+                         alpha_guaranteed=guaranteed_alpha(o.alpha, len(members), alpha_split),
                          count_a=r.count_a, p_a_lower=r.p_a_lower,
                          flops=sum(flops[:stages]) * (o.n0 + o.n))
         elif sequential:

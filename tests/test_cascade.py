@@ -111,3 +111,27 @@ def test_single_member_equals_cohen_two_sided_level():
 def test_cascade_rejects_unsorted_scales():
     with pytest.raises(ValueError):
         certify_cascade([(0.25, Constant(0, 2)), (0.5, Constant(0, 2))], X, 2, 10, 10, 0.01, 10)
+
+
+def test_cascade_is_sound_where_every_positive_radius_is_false():
+    """Two classes. At sigma_1 the base classifier is a half-space through x (p_A = p_B = 1/2: the
+    smoothed classifier at sigma_1 flips under any shift, and the cascade's answer with it, since
+    p0 = 1/2); at sigma_2 it always says B. So every certificate with R > 0 is false, and their rate
+    over independent noise is the cascade's failure rate. With the default split it stays <= alpha;
+    with the harmonic split (Jeong & Shin's alpha / k) it exceeds alpha: a stage-1 certificate
+    (lower bound at alpha) and a stage-2 one (the stage-1 upper bound of A below 1/2, at alpha / 2)
+    fail on disjoint events, about 1.25 alpha together (docs/methods.md)."""
+    s1, s2, n0, n, alpha, trials = 1.0, 0.5, 100, 1000, 0.05, 20_000
+    members = [(s1, Buckets([0.0], [0, 1], 2)), (s2, Constant(1, 2))]
+    x = torch.zeros(1, 2, 2)
+    false = {"uniform": 0, "harmonic": 0}
+    for t in range(trials):
+        for split in false:
+            r = certify_cascade(members, x, 2, n0, n, alpha, n, generators=gens([s1, s2], idx=t),
+                                alpha_split=split)
+            false[split] += r.radius > 0
+    slack = 3 * math.sqrt(alpha * (1 - alpha) / trials)
+    rate = {split: count / trials for split, count in false.items()}
+    print(f"\nfalse-certificate rates at alpha = {alpha}: {rate}")
+    assert rate["uniform"] <= alpha + slack
+    assert rate["harmonic"] > alpha + slack

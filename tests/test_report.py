@@ -69,7 +69,7 @@ def test_envelope_takes_the_best_sigma_per_radius(tmp_path):
     files = sorted((root / "digits" / "certify").rglob("*.tsv"))
     table = summary(load_entries(files), [0.0, 0.5])
     env = table[table.kind == "envelope"].iloc[0]
-    assert env["name"] == "gaussian_envelope"
+    assert env["name"] == "gaussian_best_sigma_oracle"
     assert (env[0.0], env[0.5]) == (1.0, 0.5) and env["best_sigma"] == "0.25 1.0"
 
 
@@ -109,8 +109,8 @@ def test_sequential_certificates_sit_beside_fixed_n_ones(tmp_path):
                                          "gaussian_sigma_0.25_sequential", "gaussian_sigma_0.5_sequential"]
     assert [e.sequential for e in entries] == [False, False, True, True]
     table = summary(entries, [0.0, 0.5])
-    assert table.name.tolist() == [e.name for e in entries[:2]] + ["gaussian_envelope"] + [
-        e.name for e in entries[2:]] + ["gaussian_sequential_envelope"]
+    assert table.name.tolist() == [e.name for e in entries[:2]] + ["gaussian_best_sigma_oracle"] + [
+        e.name for e in entries[2:]] + ["gaussian_sequential_best_sigma_oracle"]
     c = cost(entries).set_index("name")
     assert c.loc["gaussian_sigma_0.5_sequential", "draws_per_image"] == 25
     assert c.loc["gaussian_sigma_0.5_sequential", "draws_saving"] == pytest.approx(100 / 25)
@@ -119,6 +119,20 @@ def test_sequential_certificates_sit_beside_fixed_n_ones(tmp_path):
     assert styles["gaussian_sigma_0.5_sequential"]["color"] == styles["gaussian_sigma_0.5"]["color"]
     assert styles["gaussian_sigma_0.5_sequential"]["linestyle"] == ":"
     assert styles["gaussian_sigma_0.25"]["color"] != styles["gaussian_sigma_0.5"]["color"]
+
+
+def _markdown_tables(text: str) -> list[list[list[str]]]:
+    """The body rows (cells) of each Markdown table in ``text``."""
+    tables, current = [], None
+    for line in text.splitlines():
+        if line.startswith("|"):
+            if current is None:
+                current = []
+                tables.append(current)
+            current.append([c.strip() for c in line.strip("|").split("|")])
+        else:
+            current = None
+    return [t[2:] for t in tables]  # without header and rule
 
 
 def test_shards_group_into_named_entries_in_method_order(tmp_path):
@@ -135,22 +149,23 @@ def test_shards_group_into_named_entries_in_method_order(tmp_path):
     assert cli(["report", *map(str, files), str(other), "--baselines", str(baseline),
                 "--radii", "0", "0.5", "--out", str(out)]) == 0
 
-    table = [line.split(" | ")[0].strip("| ") for line in (out / "certified_accuracy.md").read_text().splitlines()[2:]
-             if line.startswith("| ")]
-    assert table == ["gaussian_sigma_0.25", "gaussian_sigma_0.5", "gaussian_envelope", "mdds_cascade", "mine",
-                     "noise_0.25_sigma_0.25"]
+    tables = _markdown_tables((out / "certified_accuracy.md").read_text())
+    table = [row[0] for row in tables[0]]
+    assert table == ["gaussian_sigma_0.25", "gaussian_sigma_0.5", "mdds_cascade", "mine", "noise_0.25_sigma_0.25"]
+    assert [row[0] for row in tables[1]] == ["gaussian_best_sigma_oracle"]  # the oracle apart, never bold
+    assert not any("**" in cell for cell in tables[1][0])
     tidy = pd.read_csv(out / "certified_accuracy.csv")
     half = tidy[tidy.name == "gaussian_sigma_0.5"]
     assert half.certified_accuracy.tolist() == [0.5, 0.25]  # 4 images from 2 shards, 1 abstention
     assert set(tidy[tidy.name == "noise_0.25_sigma_0.25"].kind) == {"baseline"}
-    assert tidy[tidy.name == "gaussian_envelope"].sigma.astype(str).tolist() == ["0.25", "0.5"]  # best sigma per radius
-    assert "mdds_envelope" not in set(tidy.name)  # a cascade is not a per-sigma entry
+    assert tidy[tidy.name == "gaussian_best_sigma_oracle"].sigma.astype(str).tolist() == ["0.25", "0.5"]  # best sigma per radius
+    assert "mdds_best_sigma_oracle" not in set(tidy.name)  # a cascade is not a per-sigma entry
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["gaussian_sigma_0.5"]["abstain_rate"] == 0.25
     assert metrics["gaussian_sigma_0.5"]["acr"] == pytest.approx((0.6 + 0.4) / 4)
-    assert metrics["gaussian_envelope"]["certified_accuracy"] == {"r=0": 1.0, "r=0.5": 0.25}
-    assert "acr" not in metrics["gaussian_envelope"]
+    assert metrics["gaussian_best_sigma_oracle"]["certified_accuracy"] == {"r=0": 1.0, "r=0.5": 0.25}
+    assert "acr" not in metrics["gaussian_best_sigma_oracle"]
 
     cost = pd.read_csv(out / "cost.csv").set_index("name")
     assert cost.loc["gaussian_sigma_0.5", "flops_per_image"] == 2e6
@@ -160,7 +175,7 @@ def test_shards_group_into_named_entries_in_method_order(tmp_path):
 
     curves = pd.read_csv(out / "plot_certified_accuracy.csv")  # long: one series per entry
     assert list(curves.columns) == ["name", "radius", "certified_accuracy"]
-    assert list(curves.name.unique()) == table[:2] + table[3:]  # no envelope curve
+    assert list(curves.name.unique()) == table  # no envelope curve
     for name, curve in curves.groupby("name", sort=False):
         assert curve.radius.iloc[0] == 0 and (curve.radius.diff().iloc[1:] > 0).all()
         assert (curve.certified_accuracy.diff().iloc[1:] <= 0).all(), name
@@ -177,10 +192,10 @@ def test_bold_marks_each_best_but_not_an_all_zero_column(tmp_path):
     out = tmp_path / "out"
     assert cli(["report", str(a), str(b), "--radii", "0", "0.35", "1", "--out", str(out)]) == 0
     md = (out / "certified_accuracy.md").read_text().splitlines()
-    assert md[2] == "| a_b | 2 | **1.0000** | 0.0000 | 0.0000 | **0.3000** | 0.0000 |"
-    assert md[3] == "| c | 2 | 0.5000 | **0.5000** | 0.0000 | 0.2000 | 0.0000 |"
+    assert md[2] == "| a_b | 2 | **1.0000 (0.16–1.00)** | 0.0000 (0.00–0.84) | 0.0000 (0.00–0.84) | **0.3000** | 0.0000 |"
+    assert md[3] == "| c | 2 | 0.5000 (0.01–0.99) | **0.5000 (0.01–0.99)** | 0.0000 (0.00–0.84) | 0.2000 | 0.0000 |"
     tex = (out / "certified_accuracy.tex").read_text()
-    assert "a\\_b & 2 & \\textbf{1.0000}" in tex and "\\toprule" in tex
+    assert "a\\_b & 2 & \\textbf{1.0000 (0.16--1.00)}" in tex and "\\toprule" in tex
 
 
 def test_a_partial_set_of_shards_or_overlapping_shards_is_refused(tmp_path, capsys):
@@ -214,3 +229,75 @@ def test_no_envelope_over_different_image_sets(tmp_path, capsys):
     table = summary(load_entries(sorted((root / "digits" / "certify").rglob("*.tsv"))), [0.0])
     assert "envelope" not in set(table["kind"])
     assert "no envelope for 'rrcm'" in capsys.readouterr().err
+
+
+def test_intervals_are_clopper_pearson_and_envelopes_have_none(tmp_path):
+    from scipy.stats import binomtest
+
+    from rcm.report import tidy
+
+    root = tmp_path / "results"
+    records = [(0, 0, 0.6)] * 7 + [(0, 0, 0.1)] * 5 + [(0, 1, 0.3)] * 3
+    files = [_ours(root, "gaussian", s, 0, 1, records) for s in (0.25, 0.5)]
+    table = summary(load_entries(files), [0.0, 0.5])
+    rows = tidy(table, [0.0, 0.5])
+    for _, row in rows[rows.kind == "entry"].iterrows():
+        k = round(row.certified_accuracy * 15)
+        ci = binomtest(k, 15).proportion_ci(0.95, method="exact")  # SciPy's own Clopper-Pearson
+        assert (row.ci_low, row.ci_high) == pytest.approx((ci.low, ci.high), abs=1e-9)
+    assert rows[rows.kind == "envelope"][["ci_low", "ci_high"]].isna().all().all()
+
+
+def test_paired_tests_are_exact_mcnemar_on_the_same_images(tmp_path):
+    from scipy.stats import binomtest
+
+    from rcm.report import paired_tests
+
+    root = tmp_path / "results"
+    # 40 images: a certifies at r = 0.5 images 0..29, b images 20..39 (and 10 more at r = 0 only)
+    a = [(0, 0, 0.6)] * 30 + [(0, 1, 0.0)] * 10
+    b = [(0, 0, 0.1)] * 10 + [(0, 0, 0.0)] * 10 + [(0, 0, 0.7)] * 20
+    files = [_ours(root, "gaussian", 0.25, 0, 1, a), _ours(root, "rrcm", 0.25, 0, 1, b),
+             _ours(root, "dds", 0.25, 0, 1, a[:39])]  # one image fewer: not paired with the others
+    paired = paired_tests(load_entries(files), [0.0, 0.5])
+    assert set(zip(paired.a, paired.b)) == {("gaussian_sigma_0.25", "rrcm_sigma_0.25")}
+    at = paired.set_index("radius")
+    assert (at.loc[0.5, "a_only"], at.loc[0.5, "b_only"]) == (20, 10)
+    assert at.loc[0.5, "p_value"] == pytest.approx(binomtest(20, 30, 0.5).pvalue)
+    assert (at.loc[0.0, "a_only"], at.loc[0.0, "b_only"]) == (0, 10)
+    assert at.loc[0.0, "p_value"] == pytest.approx(2 * 0.5 ** 10)
+
+
+def test_report_says_which_best_claims_are_significant(tmp_path):
+    root = tmp_path / "results"
+    strong = [(0, 0, 0.6)] * 60 + [(0, 1, 0.0)] * 40
+    weak = [(0, 0, 0.6)] * 10 + [(0, 0, 0.3)] * 48 + [(0, 1, 0.0)] * 42
+    files = [_ours(root, "gaussian", 0.25, 0, 1, strong), _ours(root, "rrcm", 0.25, 0, 1, weak)]
+    out = tmp_path / "report"
+    assert cli(["report", *map(str, files), "--radii", "0", "0.5", "--out", str(out)]) == 0
+    md = (out / "certified_accuracy.md").read_text()
+    assert "r = 0: gaussian_sigma_0.25 (0.6000) over the runner-up rrcm_sigma_0.25 (0.5800)" in md
+    assert "not significant at 5%" in md.split("r = 0:")[1].splitlines()[0]
+    assert "significant at 5%" in md.split("r = 0.5:")[1].splitlines()[0]
+    assert "not significant" not in md.split("r = 0.5:")[1].splitlines()[0]
+    paired = pd.read_csv(out / "paired_tests.csv")
+    assert list(paired.columns) == ["radius", "a", "b", "a_only", "b_only", "p_value"]
+
+
+def test_a_harmonic_cascade_is_named_and_its_weaker_guarantee_warned(tmp_path, capsys):
+    from rcm.cascade import guaranteed_alpha
+
+    root = tmp_path / "results"
+    extra = dict(alpha=0.001, alpha_split="harmonic", alpha_guaranteed=guaranteed_alpha(0.001, 3, "harmonic"))
+    files = [_ours(root, "mdds", "cascade", 0, 1, [(0, 0, 0.3)] * 4, **extra)]
+    assert extra["alpha_guaranteed"] == pytest.approx(0.001 * (2 * (1 + 1 / 2 + 1 / 3) - 1))
+    out = tmp_path / "report"
+    assert cli(["report", *map(str, files), "--out", str(out)]) == 0
+    md = (out / "certified_accuracy.md").read_text()
+    assert "| mdds_cascade_harmonic |" in md and "**Warning**" in md and "0.00267" in md
+    assert "mdds_cascade_harmonic" in capsys.readouterr().err
+    uniform = [_ours(root, "rrcm", "cascade", 0, 1, [(0, 0, 0.3)] * 4, alpha=0.001, alpha_split="uniform",
+                     alpha_guaranteed=guaranteed_alpha(0.001, 3))]
+    assert [e.name for e in load_entries(uniform)] == ["rrcm_cascade"]
+    assert cli(["report", *map(str, uniform), "--out", str(tmp_path / "u")]) == 0
+    assert "Warning" not in (tmp_path / "u" / "certified_accuracy.md").read_text()

@@ -50,8 +50,8 @@ COMMAND_SECTIONS = {
     "finetune-rrcm": ["rrcm_finetune"], "certify": ["certify"], "report": ["report"],
 }
 REPORT_FILES = {"certified_accuracy.csv", "certified_accuracy.md", "certified_accuracy.tex",
-                "certified_accuracy.png", "metrics.json", "plot_certified_accuracy.csv", "cost.csv",
-                "cost.md", "sources.txt"}
+                "certified_accuracy.png", "metrics.json", "plot_certified_accuracy.csv", "paired_tests.csv",
+                "cost.csv", "cost.md", "sources.txt"}
 # Lints we accept: the package comes from the project's own environment, not a conda env per rule;
 # `rcm` takes the results root as a flag (it builds its paths with rcm.paths, like the rules); and
 # the interpreter (RCM = `<python> -m rcm`) is a global, not a param, on purpose: a venv at another
@@ -657,7 +657,7 @@ def test_changed_certify_n_reruns_certification_not_training(tiny_run, tmp_path)
      {"finetune-rrcm@0.25", "finetune-rrcm@0.5"}),
     ("rcm/train/mdds.py", {"finetune_denoiser", "certify", "certify_cascade", "report"}, {"mdds"},
      {"finetune-denoiser"}),
-    ("rcm/report.py", {"report"}, set(), {"report"}),
+    ("rcm/report/tables.py", {"report"}, set(), {"report"}),
 ])
 def test_changed_code_reruns_its_stage_and_dependents(tiny_run, tmp_path, module, rules, certified, stages):
     """Editing a stage's module reruns it and what depends on it, nothing else. Snakemake compares

@@ -224,12 +224,14 @@ CODE = {
     "certify": ["rcm/certify.py", "rcm/smoothing.py", "rcm/stats.py", "rcm/models/factory.py"],
     "certify_cascade": ["rcm/certify.py", "rcm/smoothing.py", "rcm/stats.py", "rcm/models/factory.py",
                         "rcm/cascade.py"],
-    "report": ["rcm/report.py", "rcm/certificate.py"],
+    "report": ["rcm/report/__init__.py", "rcm/report/entries.py", "rcm/report/tables.py",
+               "rcm/report/significance.py", "rcm/report/render.py", "rcm/report/plot.py",
+               "rcm/certificate.py"],
 }
 
 REPORT_FILES = [
     "certified_accuracy.csv", "certified_accuracy.md", "certified_accuracy.tex",
-    "certified_accuracy.png", "metrics.json", "plot_certified_accuracy.csv",
+    "certified_accuracy.png", "metrics.json", "plot_certified_accuracy.csv", "paired_tests.csv",
     "cost.csv", "cost.md", "sources.txt",
 ]
 

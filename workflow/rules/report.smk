@@ -12,6 +12,8 @@ rule report:
         csv=report(_report_file("certified_accuracy.csv"), caption="../report/certified_accuracy.rst",
                    category="Certified accuracy", labels={"what": "table (tidy)"}),
         md=_report_file("certified_accuracy.md"),
+        paired=report(_report_file("paired_tests.csv"), caption="../report/paired_tests.rst",
+                      category="Certified accuracy", labels={"what": "paired tests"}),
         tex=_report_file("certified_accuracy.tex"),
         png=report(_report_file("certified_accuracy.png"), caption="../report/certified_accuracy_plot.rst",
                    category="Certified accuracy", labels={"what": "plot"}),
