@@ -2,8 +2,15 @@
 
 Every split is a float tensor of images in [0, 1], shape (N, C, H, W), with int64 labels. The
 ``prepare`` stage writes the splits as ``{split}.pt`` files (uint8 pixels, a scale, labels and the
-index of each image in its split) and a manifest with sizes and checksums. Certification takes every
-``skip``-th test image up to ``max`` images; the ``idx`` in a certificate is the index in the test split.
+index of each image in its source split) and a manifest with sizes and checksums:
+
+- ``val``: a seeded, class-stratified share of the source's training split (``val_fraction``), the
+  only images any training-time evaluation or monitor looks at;
+- ``train``: the rest of the source's training split;
+- ``test``: the source's test split (ImageNet: the validation subset), read only by certification.
+
+Certification takes every ``skip``-th test image up to ``max`` images; the ``idx`` in a certificate
+is the index in the test split.
 """
 
 from __future__ import annotations
@@ -153,6 +160,29 @@ def load_raw(dataset: str, split: str, *, root: str | Path | None = None, downlo
     return _imagenet(root, split, image_size, skip, max_images)
 
 
+def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """(train without the validation images, validation): per class, a seeded random
+    ``round(fraction * n_c)`` of its n_c images, so the validation set keeps the class balance."""
+    if not 0 < fraction < 1:
+        raise DatasetError(f"val_fraction must be in (0, 1), got {fraction}")
+    gen = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in torch.unique(train.labels).tolist():
+        rows = torch.nonzero(train.labels == c).flatten()
+        take = int(round(fraction * len(rows)))
+        chosen.append(rows[torch.randperm(len(rows), generator=gen)[:take]])
+    val_rows = torch.sort(torch.cat(chosen)).values
+    if len(val_rows) == 0 or len(val_rows) == len(train):
+        raise DatasetError(f"val_fraction {fraction} of {len(train)} training images leaves "
+                           f"{len(val_rows)} for validation: choose a fraction that keeps both non-empty")
+    keep = torch.ones(len(train), dtype=torch.bool)
+    keep[val_rows] = False
+
+    def part(rows):
+        return Split(train.images[rows], train.labels[rows], train.indices[rows], train.scale, train.num_classes)
+    return part(torch.nonzero(keep).flatten()), part(val_rows)
+
+
 # ----------------------------------------------------------------------------- prepared files
 
 def save_split(split: Split, path: Path) -> None:
@@ -180,12 +210,16 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def prepare(dataset: str, out_root: str | Path, **source) -> dict:
-    """Write train.pt, test.pt and manifest.json for ``dataset`` under ``out_root``; return the manifest."""
+def prepare(dataset: str, out_root: str | Path, val_fraction: float = 0.1, val_seed: int = 0,
+            **source) -> dict:
+    """Write train.pt, val.pt, test.pt and manifest.json for ``dataset`` under ``out_root`` (val:
+    ``carve_validation`` of the source's training split); return the manifest."""
     src = {k: (str(v) if isinstance(v, Path) else v) for k, v in source.items()}
-    manifest = {"dataset": dataset, "source": src, "splits": {}}
-    for split in ("train", "test"):
-        data = load_raw(dataset, split, **source)
+    manifest = {"dataset": dataset, "source": src, "validation": {"fraction": val_fraction, "seed": val_seed},
+                "splits": {}}
+    train, val = carve_validation(load_raw(dataset, "train", **source), val_fraction, val_seed)
+    for split, data in (("train", train), ("val", val), ("test", None)):
+        data = load_raw(dataset, "test", **source) if data is None else data
         target = paths.prepared(out_root, dataset, split)
         save_split(data, target)
         manifest["splits"][split] = {"size": len(data), "shape": list(data.images.shape[1:]),
@@ -207,6 +241,9 @@ class PrepareOptions:
     image_size: int = option(224, "ImageNet: centre-crop size")
     skip: int = option(1, "ImageNet: keep every skip-th validation image (the certification subset)")
     max_images: int = option(0, "ImageNet: at most this many validation images (0: all)")
+    val_fraction: float = option(0.1, "share of the training images held out (per class) as the "
+                                      "validation split every training-time evaluation uses")
+    val_seed: int = option(0, "seed of the validation split")
 
 
 def add_arguments(p) -> None:
@@ -217,7 +254,7 @@ def main(args) -> None:
     o = from_args(PrepareOptions, args)
     source = {"root": o.root or None, "download": o.download, "verify_checksums": not o.unverified,
               "image_size": o.image_size, "skip": o.skip, "max_images": o.max_images or None}
-    manifest = prepare(args.dataset, args.results, **source)
+    manifest = prepare(args.dataset, args.results, o.val_fraction, o.val_seed, **source)
     sizes = {k: v["size"] for k, v in manifest["splits"].items()}
     print(f"prepared {args.dataset}: {sizes}, {manifest['num_classes']} classes -> "
           f"{paths.data_dir(args.results, args.dataset)}")

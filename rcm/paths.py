@@ -35,7 +35,7 @@ def data_dir(root: str | Path, dataset: str) -> Path:
 
 
 def prepared(root: str | Path, dataset: str, split: str) -> Path:
-    """Prepared tensors of one split ('train' or 'test')."""
+    """Prepared tensors of one split: 'train', 'val' (held out of train) or 'test' (certification only)."""
     return data_dir(root, dataset) / f"{split}.pt"
 
 

@@ -34,6 +34,27 @@ def test_prepare_writes_splits_and_manifest(tmp_path):
     assert torch.equal(test.images, load_raw("digits", "test").images)
 
 
+def test_validation_is_a_seeded_stratified_share_of_train(tmp_path):
+    manifest = prepare("digits", tmp_path, val_fraction=0.1, val_seed=3)
+    raw = load_raw("digits", "train")
+    train = load_split(paths.prepared(tmp_path, "digits", "train"))
+    val = load_split(paths.prepared(tmp_path, "digits", "val"))
+    assert manifest["splits"]["val"]["size"] == len(val) and manifest["validation"] == {"fraction": 0.1, "seed": 3}
+    # disjoint, together the whole training split, each image where it came from
+    assert sorted(train.indices.tolist() + val.indices.tolist()) == list(range(len(raw)))
+    assert torch.equal(val.images, raw.images[val.indices]) and torch.equal(val.labels, raw.labels[val.indices])
+    # stratified: every class holds out round(10%) of its images
+    for c in range(10):
+        assert (val.labels == c).sum() == round(0.1 * (raw.labels == c).sum().item())
+    for where, seed in (("again", 3), ("other", 4)):
+        prepare("digits", tmp_path / where, val_fraction=0.1, val_seed=seed)
+    held_out = {where: load_split(paths.prepared(tmp_path / where, "digits", "val")).indices.tolist()
+                for where in ("again", "other")}
+    assert held_out["again"] == val.indices.tolist() and held_out["other"] != val.indices.tolist()
+    with pytest.raises(DatasetError, match="val_fraction"):
+        prepare("digits", tmp_path / "bad", val_fraction=1.0)
+
+
 def test_certification_subset_every_skip_th_up_to_max(tmp_path):
     prepare("digits", tmp_path)
     test = load_split(paths.prepared(tmp_path, "digits", "test"))
@@ -110,14 +131,16 @@ def test_imagenet_class_per_folder(tmp_path):
     _write_imagenet(tmp_path / "imagenet")
     out = tmp_path / "results"
     assert cli(["prepare", "--dataset", "imagenet", "--root", str(tmp_path / "imagenet"),
-                "--image_size", "32", "--skip", "2", "--results", str(out)]) == 0
+                "--image_size", "32", "--skip", "2", "--val_fraction", "0.4", "--results", str(out)]) == 0
     test = load_split(paths.prepared(out, "imagenet", "test"))
     assert test.num_classes == 3 and test.images.shape[1:] == (3, 32, 32)
     assert test.indices.tolist() == [0, 2, 4, 6, 8]  # 10 validation images, every 2nd
     assert test.labels.tolist() == [0, 0, 1, 1, 2]  # ImageFolder sorts files within a class
     assert test.certification_rows(skip=2, max_images=None).tolist() == [0, 1, 2, 3, 4]
     train = load_split(paths.prepared(out, "imagenet", "train"))
-    assert len(train) == 9
+    val = load_split(paths.prepared(out, "imagenet", "val"))
+    assert (len(train), len(val)) == (6, 3) and sorted(val.labels.tolist()) == [0, 1, 2]  # one per class
+    assert sorted(train.indices.tolist() + val.indices.tolist()) == list(range(9))  # held out of train
 
 
 def test_imagenet_missing_split_folder(tmp_path):

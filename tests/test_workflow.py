@@ -375,6 +375,12 @@ def test_dag_shape_of_the_default_config(fresh):
                     for p in checkpoints(method, s, "results", cfg["dataset"]).values()}
             assert {f for f in job.inputs if f.endswith(".pt") and "/models/" in f} == want
     assert str(paths.certificate("results", cfg["dataset"], "mdds", "cascade", 0, n_shards)) in certified
+    # training reads train and val; only certification reads the test split
+    for job in jobs:
+        reads_test = any(f.endswith("/test.pt") for f in job.inputs)
+        assert reads_test == job.rule.startswith("certify"), job.rule
+        if job.rule.startswith(("train_", "finetune_", "pretrain_")):
+            assert any(f.endswith("/val.pt") for f in job.inputs), job.rule
 
 
 @pytest.mark.parametrize("methods, cascades, absent", [

@@ -3,7 +3,8 @@ Gaussian-augmentation baseline (sigma > 0): minimise cross-entropy of f(x + delt
 in [0, 1] pixel space, no clipping (the inputs certification will feed the model).
 
 Output: ``rcm.paths.classifier(results, dataset, sigma)`` (kind "classifier") and its metrics log with
-clean accuracy and accuracy under noise at ``eval_sigmas`` on the prepared test split.
+clean accuracy and accuracy under noise at ``eval_sigmas`` on the validation split (never the test
+split, which only certification reads).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def make_run(opts: ClassifierOptions, dataset: str, results: str, sigma: float) 
         raise ConfigError(f"--sigma must be >= 0, got {sigma}")
     torch.manual_seed(opts.seed)  # initialisation
     train_set = load_split(paths.prepared(results, dataset, "train"))
-    test_set = load_split(paths.prepared(results, dataset, "test"))
+    val_set = load_split(paths.prepared(results, dataset, "val"))
     dev = resolve_device(opts.device)
     model = build(opts, train_set).to(dev)
     optimizer = torch.optim.SGD(model.parameters(), lr=opts.lr, momentum=opts.momentum, nesterov=True,
@@ -117,10 +118,10 @@ def make_run(opts: ClassifierOptions, dataset: str, results: str, sigma: float) 
         y = train_set.labels[rows].to(dev)
         return F.cross_entropy(logits, y), {"train_acc": (logits.argmax(1) == y).float().mean().item()}
 
-    x_test, y_test = test_set.float_images(), test_set.labels
+    x_val, y_val = val_set.float_images(), val_set.labels
 
     def eval_fn(m) -> dict:
-        return noisy_accuracies(lambda s: (lambda x: m(x.to(dev)).cpu()), x_test, y_test,
+        return noisy_accuracies(lambda s: (lambda x: m(x.to(dev)).cpu()), x_val, y_val,
                                 opts.eval_sigmas, seed=opts.seed)
 
     config = {**dataclasses.asdict(opts), "dataset": dataset, "sigma": sigma}

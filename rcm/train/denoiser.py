@@ -4,7 +4,8 @@ weights, or imported from a local diffusers directory (``--pretrained PATH``: no
 
 Output: ``rcm.paths.denoiser(results, dataset)`` (kind "denoiser"). Consumers should load it with
 ``load_model(path, use_ema=True)`` (the EMA weights; an imported model has only one set).
-The metrics log records one-shot denoising MSE (in [0, 1] pixel units) at ``eval_sigmas`` on the test split.
+The metrics log records one-shot denoising MSE (in [0, 1] pixel units) at ``eval_sigmas`` on the
+validation split (never the test split).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def one_shot_mse(model: Denoiser, images: torch.Tensor, sigmas: list[float], see
 def make_run(opts: DenoiserOptions, dataset: str, results: str) -> Run:
     torch.manual_seed(opts.seed)
     train_set = load_split(paths.prepared(results, dataset, "train"))
-    test_images = load_split(paths.prepared(results, dataset, "test")).float_images()
+    val_images = load_split(paths.prepared(results, dataset, "val")).float_images()
     _, C, H, W = train_set.images.shape
     if H != W:
         raise ConfigError(f"the denoiser expects square images, got {H}x{W}")
@@ -107,7 +108,7 @@ def make_run(opts: DenoiserOptions, dataset: str, results: str) -> Run:
         return model.loss(x0.to(dev), g), {}
 
     def eval_fn(m) -> dict:
-        return one_shot_mse(m, test_images, opts.eval_sigmas, opts.seed, dev)
+        return one_shot_mse(m, val_images, opts.eval_sigmas, opts.seed, dev)
 
     return Run(out=paths.denoiser(results, dataset), kind="denoiser", model=model, model_config=model.config,
                config={**dataclasses.asdict(opts), "dataset": dataset}, optimizer=optimizer, loss_fn=loss_fn,

@@ -111,7 +111,7 @@ def make_run(opts: FinetuneDenoiserOptions, dataset: str, results: str) -> Run:
     objective = MultiScaleLoss(denoiser, classifier, copies=opts.copies, ac_weight=opts.ac_weight,
                                denoise_weight=opts.denoise_weight)
     train_set = load_split(paths.prepared(results, dataset, "train"))
-    test_set = load_split(paths.prepared(results, dataset, "test"))
+    val_set = load_split(paths.prepared(results, dataset, "val"))
     optimizer = torch.optim.AdamW(denoiser.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     n, bs = len(train_set), min(opts.batch_size, len(train_set))
 
@@ -120,13 +120,13 @@ def make_run(opts: FinetuneDenoiserOptions, dataset: str, results: str) -> Run:
         sigma = opts.sigmas[int(torch.randint(len(opts.sigmas), (1,), generator=g))]
         return objective(train_set.float_images(rows).to(dev), train_set.labels[rows].to(dev), sigma, g)
 
-    x_test, y_test = test_set.float_images(), test_set.labels
+    x_val, y_val = val_set.float_images(), val_set.labels
 
     def eval_fn(m) -> dict:
         def make_predict(s):
             net = DenoisedClassifier(m, classifier, s)
             return lambda x: net(x.to(dev)).cpu()
-        return noisy_accuracies(make_predict, x_test, y_test, opts.sigmas, seed=opts.seed)
+        return noisy_accuracies(make_predict, x_val, y_val, opts.sigmas, seed=opts.seed)
 
     config = {**dataclasses.asdict(opts), "dataset": dataset, "base_denoiser": str(base_path),
               "base_denoiser_step": base["step"], "classifier": str(clf_path)}

@@ -51,7 +51,7 @@ class FinetuneOptions:
     seed: int = option(0, "seed of the head, batches and noise")
     checkpoint_every: int = option(200, "steps between resumable checkpoints")
     eval_every: int = option(100, "steps between evaluations (0: only at the end)")
-    eval_sigmas: list[float] = option([0.25, 0.5, 1.0], "pixel-space sigmas of the noisy test accuracies")
+    eval_sigmas: list[float] = option([0.25, 0.5, 1.0], "pixel-space sigmas of the noisy validation accuracies")
     device: str = option("cpu", "torch device")
 
 
@@ -61,7 +61,7 @@ def consistency_weight(o: FinetuneOptions, sigma: float) -> float:
 
 
 def build_run(o: FinetuneOptions, sigma: float, pretrained: Path, train_split: Split,
-              test_split: Split | None, out: Path, provenance: dict | None = None) -> Run:
+              val_split: Split | None, out: Path, provenance: dict | None = None) -> Run:
     """The fine-tuning Run at pixel-space noise level ``sigma``."""
     check_options(o, len(train_split))
     if sigma <= 0:
@@ -94,12 +94,12 @@ def build_run(o: FinetuneOptions, sigma: float, pretrained: Path, train_split: S
         return loss.weighted(terms), {k: v.item() for k, v in terms.items()}
 
     eval_fn = None
-    if test_split is not None:
+    if val_split is not None:
         def eval_fn(net):
             def make_predict(s: float):     # the evaluation adds its noise on the CPU
                 f = SigmaConditioned(net, s)
                 return lambda x: f(x.to(device)).cpu()
-            return noisy_accuracies(make_predict, test_split.float_images(), test_split.labels,
+            return noisy_accuracies(make_predict, val_split.float_images(), val_split.labels,
                                     o.eval_sigmas)
 
     config = {**(provenance or {}), "stage": "finetune-rrcm", "sigma": sigma,
@@ -121,9 +121,9 @@ def main(args) -> None:
     o = from_args(FinetuneOptions, args)
     pretrained = paths.rrcm_pretrained(args.results, args.dataset)
     train_split = load_split(paths.prepared(args.results, args.dataset, "train"))
-    test_split = load_split(paths.prepared(args.results, args.dataset, "test"))
+    val_split = load_split(paths.prepared(args.results, args.dataset, "val"))
     out = paths.rrcm_finetuned(args.results, args.dataset, args.sigma)
-    metrics = train(build_run(o, args.sigma, pretrained, train_split, test_split, out,
+    metrics = train(build_run(o, args.sigma, pretrained, train_split, val_split, out,
                               {"dataset": args.dataset}))
     last = metrics[-1] if metrics else {}
     print(f"finetune-rrcm: wrote {out}; " + ", ".join(f"{k}={v:.4f}" for k, v in last.items()

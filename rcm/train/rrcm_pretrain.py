@@ -7,7 +7,7 @@ Per step k (one batch, data in [-1, 1]):
 - L_cons: InfoNCE between online h(x + s_n eps, s_n) and stop-grad online h(x + s_{n+1} eps, s_{n+1});
 - L = L_con + L_cons; the target follows the online network with a sigmoid-rising EMA decay.
 Writes ``paths.rrcm_pretrained``: the online network in ``model`` (with its projector) and the EMA
-target in ``ema``. Logged metrics are k-NN accuracies of h on the test split, clean and noisy.
+target in ``ema``. Logged metrics are k-NN accuracies of h on the validation split, clean and noisy.
 """
 
 from __future__ import annotations
@@ -167,9 +167,9 @@ def represent(model: RRCMNet, images: torch.Tensor, sigma: float, batch_size: in
     return nn.functional.normalize(torch.cat(hs), dim=1)
 
 
-def knn_accuracies(model: RRCMNet, train_split: Split, test_split: Split, sigmas: list[float],
+def knn_accuracies(model: RRCMNet, train_split: Split, val_split: Split, sigmas: list[float],
                    k: int, bank_size: int = 0, temperature: float = 0.07) -> dict[str, float]:
-    """Weighted k-NN accuracy of h: noisy test images against clean training images (the memory bank;
+    """Weighted k-NN accuracy of h: noisy validation images against clean training images (the memory bank;
     ``bank_size`` evenly spaced rows, 0 for all)."""
     n = len(train_split)
     rows = torch.linspace(0, n - 1, min(bank_size, n)).long() if bank_size else torch.arange(n)
@@ -183,13 +183,13 @@ def knn_accuracies(model: RRCMNet, train_split: Split, test_split: Split, sigmas
             return votes.scatter_add_(1, bank_labels[idx], (sim / temperature).exp()).cpu()
         return predict
 
-    accs = noisy_accuracies(make_predict, test_split.float_images(), test_split.labels, sigmas)
+    accs = noisy_accuracies(make_predict, val_split.float_images(), val_split.labels, sigmas)
     return {f"knn_{name}": value for name, value in accs.items()}
 
 
 # ----------------------------------------------------------------------------- the run
 
-def build_run(o: PretrainOptions, train_split: Split, test_split: Split | None, out: Path,
+def build_run(o: PretrainOptions, train_split: Split, val_split: Split | None, out: Path,
               provenance: dict | None = None) -> Run:
     """The pretraining Run: online network, EMA target, optimiser, schedules and the step's loss."""
     check_options(o, len(train_split))
@@ -240,9 +240,9 @@ def build_run(o: PretrainOptions, train_split: Split, test_split: Split | None, 
         return l_con + l_cons, logs
 
     eval_fn = None
-    if test_split is not None:
+    if val_split is not None:
         def eval_fn(net):
-            return knn_accuracies(net, train_split, test_split, o.eval_sigmas, o.knn_k, o.knn_bank)
+            return knn_accuracies(net, train_split, val_split, o.eval_sigmas, o.knn_k, o.knn_bank)
 
     return Run(out=out, kind="rrcm", model=model, model_config=model.config,
                config={**(provenance or {}), "stage": "pretrain-rrcm", **dataclasses.asdict(o)},
@@ -263,9 +263,9 @@ def add_arguments(p) -> None:
 def main(args) -> None:
     o = from_args(PretrainOptions, args)
     train_split = load_split(paths.prepared(args.results, args.dataset, "train"))
-    test_split = load_split(paths.prepared(args.results, args.dataset, "test"))
+    val_split = load_split(paths.prepared(args.results, args.dataset, "val"))
     out = paths.rrcm_pretrained(args.results, args.dataset)
-    metrics = train(build_run(o, train_split, test_split, out, {"dataset": args.dataset}))
+    metrics = train(build_run(o, train_split, val_split, out, {"dataset": args.dataset}))
     last = metrics[-1] if metrics else {}
     print(f"pretrain-rrcm: wrote {out}; " + ", ".join(f"{k}={v:.4f}" for k, v in last.items()
                                                      if k.startswith("knn_") and v is not None))

@@ -4,7 +4,7 @@
 rule train_classifier:
     input:
         train=str(paths.prepared(R, D, "train")),
-        test=str(paths.prepared(R, D, "test")),
+        val=str(paths.prepared(R, D, "val")),
         code=CODE["train_classifier"],
     output:
         str(paths.classifier(R, D, "{sigma}")),

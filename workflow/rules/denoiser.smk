@@ -5,7 +5,7 @@
 rule train_denoiser:
     input:
         train=str(paths.prepared(R, D, "train")),
-        test=str(paths.prepared(R, D, "test")),
+        val=str(paths.prepared(R, D, "val")),
         code=CODE["train_denoiser"],
     output:
         str(paths.denoiser(R, D)),
@@ -28,7 +28,7 @@ rule finetune_denoiser:
         denoiser=str(paths.denoiser(R, D)),
         classifier=str(paths.classifier(R, D, 0.0)),
         train=str(paths.prepared(R, D, "train")),
-        test=str(paths.prepared(R, D, "test")),
+        val=str(paths.prepared(R, D, "val")),
         code=CODE["finetune_denoiser"],
     output:
         str(paths.denoiser(R, D, finetuned=True)),

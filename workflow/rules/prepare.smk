@@ -1,4 +1,5 @@
-# Raw data set -> prepared train/test tensors and a manifest (rcm.data).
+# Raw data set -> prepared train/val/test tensors and a manifest (rcm.data): val is held out of
+# train for every training-time evaluation; only certification reads test.
 
 
 rule prepare:
@@ -6,6 +7,7 @@ rule prepare:
         code=CODE["prepare"],
     output:
         train=str(paths.prepared(R, D, "train")),
+        val=str(paths.prepared(R, D, "val")),
         test=str(paths.prepared(R, D, "test")),
         manifest=str(paths.manifest(R, D)),
     params:

@@ -4,7 +4,7 @@
 rule pretrain_rrcm:
     input:
         train=str(paths.prepared(R, D, "train")),
-        test=str(paths.prepared(R, D, "test")),
+        val=str(paths.prepared(R, D, "val")),
         code=CODE["pretrain_rrcm"],
     output:
         str(paths.rrcm_pretrained(R, D)),
@@ -26,7 +26,7 @@ rule finetune_rrcm:
     input:
         pretrained=str(paths.rrcm_pretrained(R, D)),
         train=str(paths.prepared(R, D, "train")),
-        test=str(paths.prepared(R, D, "test")),
+        val=str(paths.prepared(R, D, "val")),
         code=CODE["finetune_rrcm"],
     output:
         str(paths.rrcm_finetuned(R, D, "{sigma}")),
