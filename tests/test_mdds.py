@@ -146,3 +146,16 @@ def test_cli_finetune_without_a_denoiser_names_the_missing_file(tmp_path, capsys
     assert "denoiser.pt" in capsys.readouterr().err
     with pytest.raises(CheckpointError):
         load_model(paths.denoiser(tmp_path, "digits"))
+
+
+def test_wrong_class_anti_consistency_ignores_the_true_class():
+    agree_true = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]])   # both copies certain of class 1 = y
+    agree_wrong = torch.tensor([[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]])  # both certain of class 0 != y
+    split = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]])        # mean (1/2, 0, 1/2)
+    y = torch.tensor([1])
+    assert anti_consistency_loss(agree_true, y).item() == 0.0          # agreeing on y is not penalised
+    assert anti_consistency_loss(agree_true).item() == 1.0             # ... by the wrong-class form only
+    assert anti_consistency_loss(agree_wrong, y).item() == 1.0
+    torch.testing.assert_close(anti_consistency_loss(split, y), torch.tensor([0.5]))
+    with pytest.raises(ConfigError, match="ac_target"):
+        MultiScaleLoss(*_tiny_pair(), ac_target="other")

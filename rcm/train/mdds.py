@@ -38,6 +38,8 @@ class FinetuneDenoiserOptions:
     sigmas: list[float] = option([0.25, 0.5, 1.0], "noise levels sigma is drawn from at each step (pixel space)")
     copies: int = option(4, "M: noisy copies of each image per step (>= 2)")
     ac_weight: float = option(1.0, "lambda: weight of the anti-consistency loss")
+    ac_target: str = option("all", "anti-consistency on the mean prediction's mass on all classes ('all': "
+                                   "||pi_bar||^2) or only on the wrong ones ('wrong': sum over c != y of pi_bar_c^2)")
     denoise_weight: float = option(1.0, "weight of the DDPM loss regulariser (0: off)")
     steps: int = option(400, "optimiser steps")
     batch_size: int = option(32, "images per step (each denoised `copies` times)")
@@ -60,20 +62,31 @@ def brier_loss(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return ((probs - onehot) ** 2).sum(-1).mean(-1)
 
 
-def anti_consistency_loss(probs: torch.Tensor) -> torch.Tensor:
+AC_TARGETS = ("all", "wrong")
+
+
+def anti_consistency_loss(probs: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
     """||mean_i pi_i||^2 per image: probs (B, M, K) -> (B,). 1 when all copies agree on one class with
-    certainty, 1/K at the uniform mean, so minimising it spreads the copies' votes."""
-    return (probs.mean(1) ** 2).sum(-1)
+    certainty, 1/K at the uniform mean, so minimising it spreads the copies' votes. Given ``labels``,
+    only the wrong classes count (sum over c != y of mean_i pi_ic ^ 2): the denoiser is penalised for
+    confidently answering another class on an unrecoverable image, not for agreeing on the true one."""
+    mean = probs.mean(1)                                                    # (B, K)
+    if labels is not None:
+        mean = mean * (1.0 - F.one_hot(labels, probs.shape[-1]).to(mean.dtype))
+    return (mean ** 2).sum(-1)
 
 
 class MultiScaleLoss(nn.Module):
     """The fine-tuning objective; ``forward(x, y, sigma, generator)`` returns (scalar loss, logs)."""
 
     def __init__(self, denoiser: Denoiser, classifier: nn.Module, *, copies: int = 4, ac_weight: float = 1.0,
-                 denoise_weight: float = 1.0):
+                 denoise_weight: float = 1.0, ac_target: str = "all"):
         super().__init__()
         if copies < 2:
             raise ConfigError(f"copies (M) must be >= 2, got {copies}")
+        if ac_target not in AC_TARGETS:
+            raise ConfigError(f"ac_target must be one of {', '.join(AC_TARGETS)}, got '{ac_target}'")
+        self.ac_target = ac_target
         self.denoiser, self.classifier = denoiser, classifier.eval().requires_grad_(False)
         self.copies, self.ac_weight, self.denoise_weight = copies, ac_weight, denoise_weight
 
@@ -87,7 +100,7 @@ class MultiScaleLoss(nn.Module):
         logits = DenoisedClassifier(self.denoiser, self.classifier, sigma)(noisy)
         probs = logits.softmax(-1).view(B, M, -1)                           # (B, M, K)
         l_brier = (recoverable * brier_loss(probs, y)).mean()
-        l_ac = ((1.0 - recoverable) * anti_consistency_loss(probs)).mean()
+        l_ac = ((1.0 - recoverable) * anti_consistency_loss(probs, y if self.ac_target == "wrong" else None)).mean()
         loss = l_brier + self.ac_weight * l_ac
         logs = {"brier": l_brier.item(), "ac": l_ac.item(), "recoverable": recoverable.mean().item(),
                 "sigma": sigma}
@@ -109,7 +122,7 @@ def make_run(opts: FinetuneDenoiserOptions, dataset: str, results: str) -> Run:
     for s in opts.sigmas:
         denoiser.t_star(s)  # a sigma beyond the schedule fails before training
     objective = MultiScaleLoss(denoiser, classifier, copies=opts.copies, ac_weight=opts.ac_weight,
-                               denoise_weight=opts.denoise_weight)
+                               denoise_weight=opts.denoise_weight, ac_target=opts.ac_target)
     train_set = load_split(paths.prepared(results, dataset, "train"))
     val_set = load_split(paths.prepared(results, dataset, "val"))
     optimizer = torch.optim.AdamW(denoiser.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
