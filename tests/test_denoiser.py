@@ -140,7 +140,7 @@ def test_denoised_classifier_resizes_to_the_classifier():
     with torch.no_grad():
         logits = net(x)
         expected = clf(torch.nn.functional.interpolate(den.denoise_one_shot(x, 0.25), size=(16, 16),
-                                                       mode="bilinear", align_corners=False))
+                                                       mode="bicubic", align_corners=False, antialias=True))
     assert logits.shape == (5, 10)
     torch.testing.assert_close(logits, expected)
     with pytest.raises(ConfigError):
