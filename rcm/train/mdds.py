@@ -38,8 +38,8 @@ class FinetuneDenoiserOptions:
     sigmas: list[float] = option([0.25, 0.5, 1.0], "noise levels sigma is drawn from at each step (pixel space)")
     copies: int = option(4, "M: noisy copies of each image per step (>= 2)")
     ac_weight: float = option(1.0, "lambda: weight of the anti-consistency loss")
-    ac_target: str = option("all", "anti-consistency on the mean prediction's mass on all classes ('all': "
-                                   "||pi_bar||^2) or only on the wrong ones ('wrong': sum over c != y of pi_bar_c^2)")
+    ac_target: str = option("wrong", "anti-consistency on the mean prediction's mass on the wrong classes only "
+                                     "('wrong': sum over c != y of pi_bar_c^2) or on all ('all': ||pi_bar||^2)")
     denoise_weight: float = option(1.0, "weight of the DDPM loss regulariser (0: off)")
     steps: int = option(400, "optimiser steps")
     batch_size: int = option(32, "images per step (each denoised `copies` times)")
@@ -80,7 +80,7 @@ class MultiScaleLoss(nn.Module):
     """The fine-tuning objective; ``forward(x, y, sigma, generator)`` returns (scalar loss, logs)."""
 
     def __init__(self, denoiser: Denoiser, classifier: nn.Module, *, copies: int = 4, ac_weight: float = 1.0,
-                 denoise_weight: float = 1.0, ac_target: str = "all"):
+                 denoise_weight: float = 1.0, ac_target: str = "wrong"):
         super().__init__()
         if copies < 2:
             raise ConfigError(f"copies (M) must be >= 2, got {copies}")
