@@ -117,6 +117,7 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
     out = paths.certificate(results, dataset, method, sigma, shard, o.shards, sequential=sequential)
 
     smooth = None if cascade else Smooth(members[0][1], split.num_classes, members[0][0])
+    alpha_guaranteed = guaranteed_alpha(o.alpha, len(members), alpha_split) if cascade else None
     records = []
     bar = tqdm(rows.tolist(), desc=f"certify {method} sigma={sigma} shard {shard}/{o.shards}",
                unit="img", disable=not progress, file=sys.stderr,
@@ -132,7 +133,7 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
             prediction, radius = r.prediction, r.radius
             stages = (r.stage or len(members))
             extra = dict(sigma=r.sigma, stage=r.stage, p0=p0, alpha_split=alpha_split,
-                         alpha_guaranteed=guaranteed_alpha(o.alpha, len(members), alpha_split),
+                         alpha_guaranteed=alpha_guaranteed,
                          count_a=r.count_a, p_a_lower=r.p_a_lower,
                          flops=sum(flops[:stages]) * (o.n0 + o.n))
         elif sequential:
