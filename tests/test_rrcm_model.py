@@ -87,7 +87,7 @@ def test_checkpoint_errors_name_the_file(tmp_path):
     net = tiny()
     wrong = tmp_path / "classifier.pt"
     save_checkpoint(wrong, kind="classifier", model_config={}, model_state={}, step=0)
-    with pytest.raises(CheckpointError, match="classifier.pt.*expected 'rrcm'"):
+    with pytest.raises(CheckpointError, match="classifier.pt.*expected a rrcm"):
         load_model(wrong, kind="rrcm")
     good = tmp_path / "rrcm.pt"
     save_checkpoint(good, kind="rrcm", model_config=net.config, model_state=net.state_dict(), step=0)

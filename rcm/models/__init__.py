@@ -20,7 +20,11 @@ REGISTRY = {
     "classifier": "rcm.models.classifier:Classifier",
     "rrcm": "rcm.models.vit:RRCMNet",
     "denoiser": "rcm.models.denoiser:Denoiser",
+    "cohen_resnet": "rcm.models.cohen:CohenClassifier",
 }
+# The role a kind plays in the pipeline: any classifier kind serves where a classifier is expected
+# (``load_model(path, kind="classifier")`` accepts each of them).
+ROLES = {"classifier": "classifier", "cohen_resnet": "classifier", "rrcm": "rrcm", "denoiser": "denoiser"}
 
 
 def model_class(kind: str) -> type[nn.Module]:
@@ -30,14 +34,27 @@ def model_class(kind: str) -> type[nn.Module]:
     return getattr(importlib.import_module(module), name)
 
 
+def kind_of(model: nn.Module) -> str:
+    """The registry kind of a model instance (what its checkpoint records)."""
+    for kind, path in REGISTRY.items():
+        if path == f"{type(model).__module__}:{type(model).__name__}":
+            return kind
+    raise CheckpointError(f"{type(model).__name__} is not a registered rcm model class")
+
+
 def build_model(kind: str, config: dict) -> nn.Module:
     return model_class(kind)(**config)
 
 
 def load_model(path: str | Path, *, kind: str | None = None, use_ema: bool = False,
                map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a model from a checkpoint alone. Returns (model in eval mode, payload)."""
-    payload = load_checkpoint(path, kind=kind, map_location=map_location)
+    """Rebuild a model from a checkpoint alone. Returns (model in eval mode, payload).
+
+    ``kind`` is a role ("classifier", "denoiser", "rrcm") or an exact kind; a checkpoint of any kind
+    that plays that role is accepted (an imported Cohen et al. ResNet where a classifier is expected)."""
+    payload = load_checkpoint(path, map_location=map_location)
+    if kind is not None and kind not in (payload["kind"], ROLES.get(payload["kind"])):
+        raise CheckpointError(f"{path} holds a '{payload['kind']}' model, expected a {kind}")
     try:
         model = build_model(payload["kind"], payload["model_config"])
     except TypeError as exc:

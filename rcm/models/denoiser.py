@@ -21,6 +21,7 @@ from rcm.errors import CheckpointError, ConfigError
 
 SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
+NETWORKS = ("diffusers", "openai")
 # Config keys of Denoiser that are UNet2DModel arguments under another name or the same name.
 _UNET_KEYS = ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "down_block_types",
               "up_block_types", "mid_block_type", "norm_num_groups", "add_attention")
@@ -58,6 +59,12 @@ class Denoiser(nn.Module):
     time embedding, ...), so every diffusers UNet round-trips through an rcm checkpoint.
     If the UNet outputs 2C channels (a learned-variance model, improved/guided-diffusion style),
     the first C are the noise prediction.
+
+    ``network="openai"`` replaces the diffusers UNet by OpenAI's improved/guided-diffusion UNet
+    (`rcm.models.openai_unet.OpenAIUNet`, built from ``openai_unet``; the diffusers arguments are then
+    unused and not recorded). ``timestep_scale`` multiplies the integer timestep before the network
+    sees it (1000 / T for improved-diffusion's ``rescale_timesteps``); ``eps`` always takes the
+    integer t of the schedule.
     """
 
     def __init__(self, *, image_size: int = 8, in_channels: int = 1, out_channels: int | None = None,
@@ -68,10 +75,16 @@ class Denoiser(nn.Module):
                  add_attention: bool = False, unet_extra: dict | None = None,
                  num_train_timesteps: int = 1000, beta_schedule: str = "linear", beta_start: float = 1e-4,
                  beta_end: float = 0.02, trained_betas: list[float] | None = None,
-                 prediction_type: str = "epsilon"):
+                 prediction_type: str = "epsilon", network: str = "diffusers",
+                 openai_unet: dict | None = None, timestep_scale: float = 1.0):
         super().__init__()
-        from diffusers import UNet2DModel  # deferred: importing diffusers takes seconds
-
+        if network not in NETWORKS:
+            raise ValueError(f"unknown denoiser network '{network}' (known: {', '.join(NETWORKS)})")
+        if network == "openai":
+            if not openai_unet:
+                raise ValueError("network='openai' needs the openai_unet arguments")
+            in_channels = int(openai_unet.get("in_channels", 3))
+            out_channels = int(openai_unet.get("out_channels", in_channels))
         out_channels = in_channels if out_channels is None else out_channels
         if out_channels not in (in_channels, 2 * in_channels):
             raise ValueError(f"out_channels must be {in_channels} (epsilon) or {2 * in_channels} "
@@ -86,9 +99,20 @@ class Denoiser(nn.Module):
             unet_extra=dict(unet_extra or {}), num_train_timesteps=num_train_timesteps,
             beta_schedule=beta_schedule, beta_start=float(beta_start), beta_end=float(beta_end),
             trained_betas=None if trained_betas is None else [float(b) for b in trained_betas],
-            prediction_type=prediction_type)
-        self.unet = UNet2DModel(sample_size=int(image_size),
-                                **{k: self.config[k] for k in _UNET_KEYS}, **self.config["unet_extra"])
+            prediction_type=prediction_type, network=network, timestep_scale=float(timestep_scale))
+        if network == "openai":
+            from rcm.models.openai_unet import OpenAIUNet
+
+            for key in (*_UNET_KEYS, "unet_extra"):
+                if key not in ("in_channels", "out_channels"):
+                    del self.config[key]
+            self.config["openai_unet"] = {**openai_unet, "in_channels": in_channels, "out_channels": out_channels}
+            self.unet = OpenAIUNet(**self.config["openai_unet"])
+        else:
+            from diffusers import UNet2DModel  # deferred: importing diffusers takes seconds
+
+            self.unet = UNet2DModel(sample_size=int(image_size),
+                                    **{k: self.config[k] for k in _UNET_KEYS}, **self.config["unet_extra"])
         betas = make_betas(num_train_timesteps, beta_schedule, beta_start, beta_end, trained_betas)
         if len(betas) != num_train_timesteps:
             raise ValueError(f"{len(betas)} trained_betas for num_train_timesteps={num_train_timesteps}")
@@ -115,7 +139,12 @@ class Denoiser(nn.Module):
     def eps(self, x_t: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         """eps_theta(x_t, t): (B, C, H, W) noise prediction (the first C channels of a 2C output)."""
         t_in = t if isinstance(t, torch.Tensor) else torch.tensor(t, device=x_t.device)
-        out = self.unet(x_t, t_in).sample
+        if self.config["timestep_scale"] != 1.0:
+            t_in = t_in.float() * self.config["timestep_scale"]
+        if self.config["network"] == "openai":
+            out = self.unet(x_t, t_in)
+        else:
+            out = self.unet(x_t, t_in).sample
         out = out[:, : x_t.shape[1]]
         kind = self.config["prediction_type"]
         if kind == "epsilon":
