@@ -20,6 +20,7 @@ COMMANDS = {
     "finetune-denoiser": ("rcm.train.mdds", "multi-scale fine-tuning of the denoiser (Jeong & Shin 2023)"),
     "pretrain-rrcm": ("rcm.train.rrcm_pretrain", "rRCM contrastive consistency pretraining"),
     "finetune-rrcm": ("rcm.train.rrcm_finetune", "rRCM fine-tuning at one sigma"),
+    "import-model": ("rcm.importers", "import a checkpoint written by the papers' code (Cohen et al., OpenAI diffusion, ...)"),
     "certify": ("rcm.certify", "certify one shard of one method at one sigma (or a cascade)"),
     "report": ("rcm.report", "tables, plot and metrics from certificate files"),
     "bench": ("rcm.bench", "benchmarks that print numbers (speed, FLOPs)"),

@@ -1,0 +1,131 @@
+"""`rcm import-model`: turn a checkpoint written by the papers' own code into an rcm checkpoint.
+
+``FORMATS`` maps each ``--format`` to the reader of that source (one small module per source), as
+``rcm.models.REGISTRY`` maps model kinds to classes. A reader takes the source path and its options
+and returns ``(model, details)``: an rcm model (a class of ``rcm.models.REGISTRY``) holding the
+original weights and computing the original function, and what it learnt from the file. The rest of
+the package only ever sees the rcm checkpoint written here, which records where it came from
+(``origin``: format, source file name, sha256, options, details).
+
+Reading never runs code from the file (`rcm.checkpoint.load_weights`), and the output is written
+atomically: after an error nothing is left at ``--out``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+
+from rcm.checkpoint import load_weights, save_checkpoint
+from rcm.errors import CheckpointError, ConfigError
+
+# --format -> "module:reader"; each module also lists the OPTIONS it takes.
+FORMATS = {
+    "cohen": "rcm.importers.cohen:read",
+    "improved-diffusion": "rcm.importers.openai:read_improved",
+    "guided-diffusion": "rcm.importers.openai:read_guided",
+}
+ALL_OPTIONS = ("flags", "arch", "dataset", "mean", "std")
+
+
+def _reader(fmt: str):
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown --format '{fmt}' (known: {', '.join(FORMATS)})")
+    module, name = FORMATS[fmt].split(":")
+    mod = importlib.import_module(module)
+    return getattr(mod, name), mod.OPTIONS
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_file(src: str | Path):
+    """The unpickled file, tensors and plain containers only (never code)."""
+    src = Path(src)
+    if not src.is_file():
+        raise CheckpointError(f"model file not found: {src}")
+    return load_weights(src)
+
+
+def read_state(src: str | Path) -> dict:
+    """A file that is a state dict (name -> tensor), with a DataParallel ``module.`` prefix removed."""
+    state = read_file(src)
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        kind = (f"a dict with keys {', '.join(list(map(str, state))[:5])}" if isinstance(state, dict)
+                else type(state).__name__)
+        raise CheckpointError(f"{src} is not a state dict of tensors (it holds {kind})")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_state_into(module: torch.nn.Module, state: dict, src: str | Path, hint: str = "") -> None:
+    """Strict load; a mismatch names the file and the first keys and shapes at fault."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: file {tuple(state[k].shape)}, network {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:3])}"
+                        f"{', ...' if len(unexpected) > 3 else ''})")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches ({'; '.join(shapes[:2])}{'; ...' if len(shapes) > 2 else ''})")
+    if problems:
+        raise CheckpointError(f"{src} does not fit the network: {'; '.join(problems)}" + (f" -- {hint}" if hint else ""))
+    module.load_state_dict(state, strict=True)
+
+
+def import_model(fmt: str, src: str | Path, out: str | Path, **options) -> tuple[torch.nn.Module, dict]:
+    """Read ``src`` in format ``fmt``, write the rcm checkpoint ``out``; returns (model, origin)."""
+    from rcm.models import ROLES, kind_of
+
+    reader, accepted = _reader(fmt)
+    given = {k: v for k, v in options.items() if v not in (None, "", [], ())}
+    foreign = sorted(set(given) - set(accepted))
+    if foreign:
+        raise ConfigError(f"--format {fmt} takes {', '.join('--' + o for o in accepted) or 'no options'}; "
+                          f"{', '.join('--' + o for o in foreign)} does not apply")
+    src = Path(src)
+    model, details = reader(src, given)
+    kind = kind_of(model)
+    origin = dict(format=fmt, source=src.name, sha256=sha256(src), options=given, details=details)
+    save_checkpoint(out, kind=kind, model_config=model.config, model_state=model.state_dict(), step=0,
+                    config={"imported": True}, origin=origin, ema=None, metrics=[])
+    return model, {**origin, "kind": kind, "role": ROLES[kind]}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("src", help="the file (or folder) written by the original code")
+    p.add_argument("--format", required=True, choices=list(FORMATS), help="the source format")
+    p.add_argument("--out", required=True, help="the rcm checkpoint to write")
+    p.add_argument("--flags", default="", help="improved-/guided-diffusion: MODEL_FLAGS and DIFFUSION_FLAGS, "
+                                               "as that code's README prints them")
+    p.add_argument("--arch", default="", help="cohen: the architecture, when the file does not record it")
+    p.add_argument("--dataset", default="", help="cohen: whose normalisation the model applies "
+                                                 "(cifar10 or imagenet; default: the architecture's)")
+    p.add_argument("--mean", type=float, nargs="+", default=None, help="per-channel mean (overrides)")
+    p.add_argument("--std", type=float, nargs="+", default=None, help="per-channel std (overrides)")
+
+
+def main(args) -> None:
+    options = {k: getattr(args, k) for k in ALL_OPTIONS}
+    model, origin = import_model(args.format, args.src, args.out, **options)
+    size = sum(p.numel() for p in model.parameters())
+    print(f"imported {args.src} ({args.format}, sha256 {origin['sha256'][:12]}) -> {args.out}: "
+          f"a {origin['role']} of kind '{origin['kind']}', {size / 1e6:.2f}M parameters", file=sys.stderr)
+    if origin["role"] == "denoiser":
+        stars = ", ".join(f"sigma={s}: t*={model.t_star(s)}" for s in (0.25, 0.5, 1.0))
+        print(f"  one-shot denoising timesteps: {stars}", file=sys.stderr)

@@ -1,0 +1,301 @@
+"""`rcm import-model`: the papers' checkpoints, written here in their real on-disk layouts, become rcm
+checkpoints that compute the original function; bad input is one clear error and writes nothing."""
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from rcm.cli import main as cli
+from rcm.errors import CheckpointError, ConfigError
+from rcm.importers import import_model
+from rcm.importers.openai import GUIDED_DEFAULTS, IMPROVED_DEFAULTS, denoiser_config, parse_flags
+from rcm.models import load_model
+from rcm.models.cohen import NORMALIZATION, CohenClassifier
+from rcm.models.denoiser import DenoisedClassifier, Denoiser
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CIFAR_MEAN, CIFAR_STD = NORMALIZATION["cifar10"]
+
+
+class NormalizeLayer(torch.nn.Module):
+    """As in Cohen et al.'s datasets.py: mean and std are plain attributes, so not in the state dict."""
+
+    def __init__(self, means, sds):
+        super().__init__()
+        self.means, self.sds = torch.tensor(means), torch.tensor(sds)
+
+    def forward(self, x):
+        return (x - self.means.view(1, -1, 1, 1)) / self.sds.view(1, -1, 1, 1)
+
+
+def _randomise(module, seed=0):
+    """Random weights and BN statistics, so that every parameter matters to the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            if not torch.is_floating_point(t):
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            else:
+                t.copy_(torch.randn(t.shape, generator=g) * (0.1 if t.dim() > 1 else 0.2))
+    return module
+
+
+def _cohen_file(path, arch, net, wrap=False):
+    """A checkpoint.pth.tar as their train.py writes it."""
+    model = torch.nn.Sequential(NormalizeLayer(*NORMALIZATION["imagenet" if arch == "resnet50" else "cifar10"]),
+                                torch.nn.DataParallel(net) if wrap else net)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    torch.save({"epoch": 90, "arch": arch, "state_dict": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- Cohen et al.
+
+def test_cohen_resnet50_equals_torchvision_behind_their_normalisation(tmp_path):
+    from torchvision.models import resnet50
+
+    original = _cohen_file(tmp_path / "checkpoint.pth.tar", "resnet50", _randomise(resnet50(weights=None)), wrap=True)
+    assert next(iter(original.state_dict())).startswith("1.module.")
+    import_model("cohen", tmp_path / "checkpoint.pth.tar", tmp_path / "rn50.pt")
+    model, payload = load_model(tmp_path / "rn50.pt", kind="classifier")
+    x = torch.rand(2, 3, 64, 64) + 0.5 * torch.randn(2, 3, 64, 64)   # noisy, unclipped, as in certification
+    with torch.no_grad():
+        assert torch.allclose(model(x), original(x), rtol=1e-5, atol=1e-5)
+    assert payload["kind"] == "cohen_resnet" and model.config["image_size"] == 224
+    assert payload["origin"]["details"]["dataset"] == "imagenet"
+
+
+def _reference_cifar_resnet(state, x, n):
+    """The bearpaw/Cohen CIFAR ResNet written out functionally from the state dict: conv-BN-ReLU, then
+    3 stages of n post-activation basic blocks, 8x8 average pool, linear."""
+    def bn(h, p):
+        return F.batch_norm(h, state[p + ".running_mean"], state[p + ".running_var"],
+                            state[p + ".weight"], state[p + ".bias"], False, 0.0, 1e-5)
+
+    h = F.relu(bn(F.conv2d(x, state["conv1.weight"], padding=1), "bn1"))
+    for stage in (1, 2, 3):
+        for b in range(n):
+            p = f"layer{stage}.{b}"
+            stride = 2 if stage > 1 and b == 0 else 1
+            out = F.relu(bn(F.conv2d(h, state[p + ".conv1.weight"], stride=stride, padding=1), p + ".bn1"))
+            out = bn(F.conv2d(out, state[p + ".conv2.weight"], padding=1), p + ".bn2")
+            if p + ".downsample.0.weight" in state:
+                h = bn(F.conv2d(h, state[p + ".downsample.0.weight"], stride=stride), p + ".downsample.1")
+            h = F.relu(out + h)
+    return F.linear(F.avg_pool2d(h, 8).flatten(1), state["fc.weight"], state["fc.bias"])
+
+
+@pytest.mark.parametrize("arch,n,params", [("cifar_resnet20", 3, 272_474), ("cifar_resnet110", 18, 1_730_714)])
+def test_cohen_cifar_resnets(tmp_path, arch, n, params):
+    """Their ResNet-20/110 (0.27M/1.7M parameters, He et al. 2016's CIFAR table); logits equal the
+    functional reference on the file's own weights, after their normalisation."""
+    net = _randomise(CohenClassifier(arch=arch).net)
+    _cohen_file(tmp_path / "checkpoint.pth.tar", arch, net)
+    state = {k[2:]: v for k, v in torch.load(tmp_path / "checkpoint.pth.tar")["state_dict"].items()}
+    assert sum(v.numel() for k, v in state.items() if "running" not in k and "num_batches" not in k) == params
+    import_model("cohen", tmp_path / "checkpoint.pth.tar", tmp_path / "c.pt")
+    model, _ = load_model(tmp_path / "c.pt", kind="classifier")
+    x = torch.rand(3, 3, 32, 32) + 0.25 * torch.randn(3, 3, 32, 32)
+    mean, std = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = _reference_cifar_resnet(state, (x - mean) / std, n)
+        assert torch.allclose(model(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_cohen_errors_name_the_file_and_write_nothing(tmp_path):
+    out = tmp_path / "out.pt"
+    net = CohenClassifier(arch="cifar_resnet20").net
+    _cohen_file(tmp_path / "rn20.pth.tar", "cifar_resnet20", net)
+    # a ResNet-20 file that claims to be a ResNet-110: the missing blocks are named
+    payload = torch.load(tmp_path / "rn20.pth.tar")
+    torch.save({**payload, "arch": "cifar_resnet110"}, tmp_path / "liar.pth.tar")
+    with pytest.raises(CheckpointError, match=r"liar.pth.tar does not fit.*missing keys \(layer1.3"):
+        import_model("cohen", tmp_path / "liar.pth.tar", out)
+    torch.save({**payload, "arch": "wide_resnet"}, tmp_path / "wide.pth.tar")
+    with pytest.raises(CheckpointError, match="wide.pth.tar: unknown architecture 'wide_resnet'"):
+        import_model("cohen", tmp_path / "wide.pth.tar", out)
+    torch.save(payload["state_dict"], tmp_path / "bare.pt")
+    with pytest.raises(CheckpointError, match="bare.pt is not a Cohen et al. checkpoint"):
+        import_model("cohen", tmp_path / "bare.pt", out)
+    with pytest.raises(ConfigError, match="--flags does not apply"):
+        import_model("cohen", tmp_path / "rn20.pth.tar", out, flags="--image_size 32")
+    with pytest.raises(CheckpointError, match="model file not found: .*nope.pth.tar"):
+        import_model("cohen", tmp_path / "nope.pth.tar", out)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+# ----------------------------------------------------------------------------- OpenAI diffusion
+
+LAYOUTS = json.loads((FIXTURES / "openai_unet_layouts.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_the_papers_denoisers_have_the_original_parameter_names_and_shapes(name):
+    """Carlini et al.'s CIFAR-10 and ImageNet denoisers: the flags of the READMEs rebuild exactly the
+    state-dict layout (every key, in order, and its shape) of the original code's network."""
+    entry = LAYOUTS[name]
+    defaults = IMPROVED_DEFAULTS if entry["format"] == "improved-diffusion" else GUIDED_DEFAULTS
+    config = denoiser_config(parse_flags(entry["flags"], defaults, entry["format"]), entry["format"])
+    with torch.device("meta"):
+        unet = Denoiser(**config).unet
+    assert [[k, list(v.shape)] for k, v in unet.state_dict().items()] == entry["state_dict"]
+
+
+OUTPUTS = json.loads((FIXTURES / "openai_unet_outputs.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(OUTPUTS))
+def test_eps_equals_the_original_codes_output(tmp_path, name):
+    """The fixture holds outputs of the original improved-/guided-diffusion code (its network and its
+    timestep handling) for weights drawn as below, in its state-dict order; the imported model,
+    given the same file, reproduces them. Covers the legacy and the new attention order, scale-shift
+    norm, resblock up/down sampling, head channels, a custom channel_mult and timestep rescaling."""
+    entry = OUTPUTS[name]
+    fmt = entry["format"]
+    defaults = IMPROVED_DEFAULTS if fmt == "improved-diffusion" else GUIDED_DEFAULTS
+    flags = parse_flags(entry["flags"], defaults, fmt)
+    with torch.device("meta"):
+        layout = Denoiser(**denoiser_config(flags, fmt)).unet.state_dict()
+    g = torch.Generator().manual_seed(0)
+    torch.save({k: torch.randn(v.shape, generator=g) * 0.1 for k, v in layout.items()}, tmp_path / "model.pt")
+    import_model(fmt, tmp_path / "model.pt", tmp_path / "d.pt", flags=entry["flags"])
+    den, _ = load_model(tmp_path / "d.pt", kind="denoiser")
+    size = flags["image_size"]
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    for ref in entry["outputs"]:
+        with torch.no_grad():
+            eps = den.eps(x, ref["t"]).flatten()
+        assert torch.allclose(eps[::37], torch.tensor(ref["every_37th"]), atol=1e-4), ref["t"]
+        assert eps.abs().mean().item() == pytest.approx(ref["mean_abs"], rel=1e-5)
+
+
+SMALL_IMPROVED = ("--image_size 32 --num_channels 32 --num_res_blocks 1 --learn_sigma True --dropout 0.3 "
+                  "--diffusion_steps 4000 --noise_schedule cosine --attention_resolutions 16,8")
+
+
+def _openai_file(path, flags, fmt, seed=0, half=False, prefix=""):
+    defaults = IMPROVED_DEFAULTS if fmt == "improved-diffusion" else GUIDED_DEFAULTS
+    unet = _randomise(Denoiser(**denoiser_config(parse_flags(flags, defaults, fmt), fmt)).unet, seed)
+    state = {prefix + k: (v.half() if half else v) for k, v in unet.state_dict().items()}
+    torch.save(state, path)
+    return unet.eval()
+
+
+def test_improved_diffusion_eps_rescales_timesteps_and_keeps_the_noise_channels(tmp_path):
+    unet = _openai_file(tmp_path / "model.pt", SMALL_IMPROVED, "improved-diffusion")
+    import_model("improved-diffusion", tmp_path / "model.pt", tmp_path / "d.pt", flags=SMALL_IMPROVED)
+    den, payload = load_model(tmp_path / "d.pt", kind="denoiser")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for t in (0, 1158, 3999):
+            # improved-diffusion's default rescale_timesteps: the network saw t * 1000 / T
+            expected = unet(x, torch.full((2,), t * 1000.0 / 4000))[:, :3]
+            assert torch.allclose(den.eps(x, t), expected, atol=1e-6)
+    assert payload["origin"]["options"]["flags"] == SMALL_IMPROVED
+    assert payload["origin"]["details"]["flags"]["noise_schedule"] == "cosine"
+    # Carlini et al.'s CIFAR-10 t*: cosine schedule, T = 4000
+    assert [den.t_star(s) for s in (0.25, 0.5, 1.0)] == [1158, 1984, 2809]
+
+
+def test_guided_diffusion_fp16_and_module_prefixed_weights_load_as_float32(tmp_path):
+    flags = ("--attention_resolutions 32,16,8 --diffusion_steps 1000 --image_size 64 --learn_sigma True "
+             "--noise_schedule linear --num_channels 32 --num_head_channels 16 --num_res_blocks 1 "
+             "--resblock_updown True --use_fp16 True --use_scale_shift_norm True")
+    unet = _openai_file(tmp_path / "g.pt", flags, "guided-diffusion", half=True, prefix="module.")
+    import_model("guided-diffusion", tmp_path / "g.pt", tmp_path / "d.pt", flags=flags)
+    den, _ = load_model(tmp_path / "d.pt", kind="denoiser")
+    assert all(p.dtype == torch.float32 for p in den.parameters())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        # the file holds the weights rounded to fp16; guided-diffusion feeds t unscaled
+        expected = unet.half().float()(x, torch.tensor([145]))[:, :3]
+        assert torch.allclose(den.eps(x, 145), expected, atol=1e-6)
+    # Ho et al.'s linear schedule at T = 1000: the t* of Carlini et al.'s ImageNet runs
+    assert [den.t_star(s) for s in (0.25, 0.5, 1.0)] == [145, 259, 396]
+
+
+def test_linear_schedule_is_stretched_to_T():
+    config = denoiser_config(parse_flags("--image_size 32 --diffusion_steps 4000", IMPROVED_DEFAULTS,
+                                         "improved-diffusion"), "improved-diffusion")
+    assert config["beta_start"] == pytest.approx(2.5e-5) and config["beta_end"] == pytest.approx(5e-3)
+    assert config["timestep_scale"] == 0.25
+
+
+def test_imported_models_serve_as_the_dds_base_classifier(tmp_path):
+    _openai_file(tmp_path / "model.pt", SMALL_IMPROVED, "improved-diffusion")
+    import_model("improved-diffusion", tmp_path / "model.pt", tmp_path / "d.pt", flags=SMALL_IMPROVED)
+    _cohen_file(tmp_path / "c.pth.tar", "cifar_resnet20", _randomise(CohenClassifier(arch="cifar_resnet20").net))
+    import_model("cohen", tmp_path / "c.pth.tar", tmp_path / "c.pt")
+    den, _ = load_model(tmp_path / "d.pt", kind="denoiser", use_ema=True)   # no EMA: the one set of weights
+    clf, _ = load_model(tmp_path / "c.pt", kind="classifier")
+    with torch.no_grad():
+        logits = DenoisedClassifier(den, clf, 0.25)(torch.rand(2, 3, 32, 32))
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("flags,message", [
+    ("", "needs --flags"),
+    ("--image_size 32 --num_chanels 64", "--num_chanels is not a flag of improved-diffusion"),
+    ("--image_size 32 --learn_sigma maybe", "--learn_sigma takes a boolean"),
+    ("--image_size 48", "no channel_mult for --image_size 48"),
+    ("--image_size 32 --class_cond True", "class-conditional"),
+    ("--image_size 32 --noise_schedule sqrt", "unknown --noise_schedule 'sqrt'"),
+    ("--image_size", "--image_size has no value"),
+])
+def test_bad_flags_are_one_clear_error(tmp_path, flags, message):
+    _openai_file(tmp_path / "model.pt", SMALL_IMPROVED, "improved-diffusion")
+    with pytest.raises(ConfigError, match=message):
+        import_model("improved-diffusion", tmp_path / "model.pt", tmp_path / "d.pt", flags=flags)
+    assert not (tmp_path / "d.pt").exists()
+
+
+def test_flags_that_do_not_fit_the_file_name_it_and_the_key(tmp_path):
+    _openai_file(tmp_path / "model.pt", SMALL_IMPROVED, "improved-diffusion")
+    wrong = SMALL_IMPROVED.replace("--num_channels 32", "--num_channels 64")
+    with pytest.raises(CheckpointError, match=r"model.pt does not fit the network: .*shape mismatches "
+                                              r"\(time_embed.0.weight.*do --flags describe"):
+        import_model("improved-diffusion", tmp_path / "model.pt", tmp_path / "d.pt", flags=wrong)
+    # a Cohen checkpoint given as a diffusion model
+    _cohen_file(tmp_path / "c.pth.tar", "cifar_resnet20", CohenClassifier(arch="cifar_resnet20").net)
+    with pytest.raises(CheckpointError, match="c.pth.tar is not a state dict of tensors"):
+        import_model("improved-diffusion", tmp_path / "c.pth.tar", tmp_path / "d.pt", flags=SMALL_IMPROVED)
+    assert not (tmp_path / "d.pt").exists()
+
+
+# ----------------------------------------------------------------------------- safety and the CLI
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("fmt", ["cohen", "improved-diffusion"])
+def test_a_crafted_source_file_is_refused_before_anything_runs(tmp_path, fmt):
+    marker = tmp_path / "ran"
+    torch.save({"arch": "cifar_resnet20", "state_dict": {}, "x": _RunsCode(marker)}, tmp_path / "evil.pt")
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump({"x": _RunsCode(marker)}, f)
+    for src in ("evil.pt", "evil.pkl"):
+        with pytest.raises(CheckpointError, match=src):
+            import_model(fmt, tmp_path / src, tmp_path / "out.pt", flags=SMALL_IMPROVED if fmt != "cohen" else "")
+    assert not marker.exists() and not (tmp_path / "out.pt").exists()
+
+
+def test_cli_imports_and_reports_errors_in_one_line(tmp_path, capsys):
+    _cohen_file(tmp_path / "checkpoint.pth.tar", "cifar_resnet20", CohenClassifier(arch="cifar_resnet20").net)
+    assert cli(["import-model", "--format", "cohen", str(tmp_path / "checkpoint.pth.tar"),
+                "--out", str(tmp_path / "c.pt")]) == 0
+    assert "a classifier of kind 'cohen_resnet'" in capsys.readouterr().err
+    assert cli(["import-model", "--format", "cohen", str(tmp_path / "nope.tar"), "--out", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model file not found" in err[0] and "nope.tar" in err[0]
