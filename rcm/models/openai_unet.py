@@ -25,16 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """(N,) timesteps (fractional allowed) -> (N, dim): [cos(t f_i), sin(t f_i)], f_i = max_period^(-i/half)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
-    args = t[:, None].float() * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb
+from rcm.models.vit import timestep_embedding  # the same sinusoidal embedding (cosines, then sines)
 
 
 class GroupNorm32(nn.GroupNorm):

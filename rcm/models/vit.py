@@ -69,11 +69,11 @@ class Block(nn.Module):
     accelerator, with paper-size token counts, the fused scaled_dot_product_attention is used.
     """
 
-    def __init__(self, dim: int, heads: int, hidden: int):
+    def __init__(self, dim: int, heads: int, hidden: int, qkv_bias: bool = True):
         super().__init__()
         self.heads = heads
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
@@ -89,11 +89,11 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def _projector(dim: int, hidden: int, out: int) -> nn.Sequential:
+def _projector(dim: int, hidden: int, out: int, bias: bool = True) -> nn.Sequential:
     """Linear-BN-ReLU twice, then Linear to ``out`` (the contrastive head z)."""
-    return nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, out))
+    return nn.Sequential(nn.Linear(dim, hidden, bias=bias), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, hidden, bias=bias), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, out, bias=bias))
 
 
 class RRCMNet(nn.Module):
@@ -103,11 +103,18 @@ class RRCMNet(nn.Module):
     The network sees c_in(s) * x_s with c_in = 1/sqrt(s^2 + 0.25); s enters as the TIME token, an MLP
     of the sinusoidal embedding of 250 ln s. ``proj_dim = 0`` means no projector (a fine-tuned
     classifier), ``num_classes = 0`` no linear head (a pretrained encoder).
+
+    The options that differ in the rRCM authors' reference network (so their weights load unchanged,
+    `rcm import-model --format rrcm`): ``qkv_bias=False``; ``time_mlp=0`` (the time token is the
+    sinusoidal embedding itself, no MLP; ``time_mlp=r`` is an MLP of hidden width r*dim);
+    ``proj_bias=False``; and for their CIFAR-10 fine-tuning ``head_norm=False`` (the head reads the
+    CLS output without the final LayerNorm; the projector always reads it normalised).
     """
 
     def __init__(self, *, image_size: int = 8, in_channels: int = 1, patch_size: int = 2, dim: int = 64,
                  depth: int = 4, heads: int = 4, mlp_ratio: float = 2.0, proj_dim: int = 256,
-                 proj_hidden: int = 256, num_classes: int = 0):
+                 proj_hidden: int = 256, num_classes: int = 0, qkv_bias: bool = True, time_mlp: float = 1.0,
+                 proj_bias: bool = True, head_norm: bool = True):
         super().__init__()
         if image_size % patch_size:
             raise ConfigError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
@@ -115,22 +122,29 @@ class RRCMNet(nn.Module):
             raise ConfigError(f"dim {dim} is not a multiple of heads {heads}")
         self.config = dict(image_size=image_size, in_channels=in_channels, patch_size=patch_size, dim=dim,
                            depth=depth, heads=heads, mlp_ratio=mlp_ratio, proj_dim=proj_dim,
-                           proj_hidden=proj_hidden, num_classes=num_classes)
+                           proj_hidden=proj_hidden, num_classes=num_classes, qkv_bias=bool(qkv_bias),
+                           time_mlp=float(time_mlp), proj_bias=bool(proj_bias), head_norm=bool(head_norm))
         num_patches = (image_size // patch_size) ** 2
         self.dim = dim
         self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 2 + num_patches, dim))
-        self.time_embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.blocks = nn.ModuleList(Block(dim, heads, round(mlp_ratio * dim)) for _ in range(depth))
+        t_hidden = round(time_mlp * dim)
+        self.time_embed = (nn.Sequential(nn.Linear(dim, t_hidden), nn.SiLU(), nn.Linear(t_hidden, dim))
+                           if time_mlp else nn.Identity())
+        self.blocks = nn.ModuleList(Block(dim, heads, round(mlp_ratio * dim), qkv_bias) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
-        self.projector = _projector(dim, proj_hidden, proj_dim) if proj_dim else None
+        self.projector = _projector(dim, proj_hidden, proj_dim, proj_bias) if proj_dim else None
         self.head = nn.Linear(dim, num_classes) if num_classes else None
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     def representation(self, x: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
         """h = LayerNorm(CLS output) for x_s (B, C, H, W) at levels s; returns (B, dim)."""
+        return self.norm(self.cls_output(x, s))
+
+    def cls_output(self, x: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
+        """The last block's CLS token for x_s at levels s, before the final LayerNorm; (B, dim)."""
         b = x.shape[0]
         s = torch.as_tensor(s, dtype=x.dtype, device=x.device).reshape(-1).expand(b)   # (B,)
         c_in = torch.rsqrt(s * s + SIGMA_DATA ** 2)
@@ -139,7 +153,7 @@ class RRCMNet(nn.Module):
         tokens = torch.cat([self.cls_token.expand(b, -1, -1), time[:, None], patches], 1) + self.pos_embed
         for block in self.blocks:
             tokens = block(tokens)                                # (B, 2 + P, D)
-        return self.norm(tokens[:, 0])
+        return tokens[:, 0]
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """z = projector(h), (B, proj_dim); only a pretraining network has a projector."""
@@ -151,7 +165,8 @@ class RRCMNet(nn.Module):
         """Logits (B, num_classes) for x_s at levels s; needs a head (num_classes > 0)."""
         if self.head is None:
             raise ConfigError("this RRCMNet has no classification head (num_classes = 0)")
-        return self.head(self.representation(x, s))
+        h = self.representation(x, s) if self.config["head_norm"] else self.cls_output(x, s)
+        return self.head(h)
 
     def encoder_state(self) -> dict:
         """State of everything but the projector and head (what fine-tuning starts from)."""
