@@ -299,3 +299,80 @@ def test_cli_imports_and_reports_errors_in_one_line(tmp_path, capsys):
     assert cli(["import-model", "--format", "cohen", str(tmp_path / "nope.tar"), "--out", str(tmp_path / "x.pt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model file not found" in err[0] and "nope.tar" in err[0]
+
+
+# ----------------------------------------------------------------------------- rRCM
+
+RRCM = json.loads((FIXTURES / "rrcm_reference_outputs.json").read_text())
+
+
+def _reference_state(keys, prefix=""):
+    """A state dict with the authors' parameter names and shapes, filled as the fixture's was."""
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for key, shape in keys:
+        if key.endswith("num_batches_tracked"):
+            state[prefix + key] = torch.tensor(0)
+        else:
+            state[prefix + key] = torch.randn(shape, generator=g) * 0.05 + (1.0 if key.endswith("running_var") else 0.0)
+    return state
+
+
+def test_rrcm_pretraining_state_gives_the_reference_representation_and_projection(tmp_path):
+    """nnet.pth as their TrainState.save writes it (here behind accelerate's module. prefix): h (the
+    normalised CLS output) and z (the bias-free projector) at three grid levels equal the reference
+    network's outputs, recorded in the fixture."""
+    from rcm.models.vit import edm_grid
+
+    torch.save(_reference_state(RRCM["pretrain"]["keys"], "module."), tmp_path / "nnet.pth")
+    import_model("rrcm", tmp_path / "nnet.pth", tmp_path / "enc.pt", heads=RRCM["config"]["num_heads"])
+    enc, payload = load_model(tmp_path / "enc.pt", kind="rrcm")
+    assert enc.config["qkv_bias"] is False and enc.config["time_mlp"] == 0 and enc.config["proj_bias"] is False
+    assert enc.head is None and payload["origin"]["details"]["kind"] == "pretrained encoder"
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    s = edm_grid(81)[RRCM["pretrain"]["grid_indices"]].float()
+    with torch.no_grad():
+        h = enc.representation(x, s)
+        z = enc.project(h)
+    assert torch.allclose(h[:, :8], torch.tensor(RRCM["pretrain"]["h"]), atol=1e-5)
+    assert torch.allclose(z[:, :8], torch.tensor(RRCM["pretrain"]["z"]), atol=1e-5)
+
+
+def test_rrcm_finetuned_classifier_gives_the_reference_logits(tmp_path):
+    """Their FinetuneModel state (base_model.* + linear_head), CIFAR-10 style (the head reads the CLS
+    output without the final LayerNorm): `SigmaConditioned` on [0, 1] images gives the logits of
+    their certification path ((x - 0.5) / 0.5, grid level nearest 2 sigma)."""
+    from rcm.models.vit import SigmaConditioned
+
+    torch.save(_reference_state(RRCM["finetuned"]["keys"]), tmp_path / "ft.pth")
+    import_model("rrcm", tmp_path / "ft.pth", tmp_path / "clf.pt", heads=RRCM["config"]["num_heads"])
+    clf, payload = load_model(tmp_path / "clf.pt", kind="rrcm")
+    assert clf.config["head_norm"] is False and clf.config["num_classes"] == 10 and clf.projector is None
+    assert "projection_head" in payload["origin"]["details"]["dropped"]
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    for sigma, expected in RRCM["finetuned"]["logits"].items():
+        with torch.no_grad():
+            logits = SigmaConditioned(clf, float(sigma))(x)
+        assert torch.allclose(logits, torch.tensor(expected), atol=1e-5), sigma
+    # the other choice of head_norm is a different function: the option matters
+    import_model("rrcm", tmp_path / "ft.pth", tmp_path / "clf2.pt", heads=2, head_norm="true")
+    other, _ = load_model(tmp_path / "clf2.pt", kind="rrcm")
+    with torch.no_grad():
+        assert not torch.allclose(SigmaConditioned(other, 0.25)(x), torch.tensor(RRCM["finetuned"]["logits"]["0.25"]),
+                                  atol=1e-3)
+
+
+def test_rrcm_errors(tmp_path):
+    state = _reference_state(RRCM["pretrain"]["keys"])
+    torch.save(state, tmp_path / "nnet.pth")
+    with pytest.raises(ConfigError, match="--heads 3 does not divide the width 64"):
+        import_model("rrcm", tmp_path / "nnet.pth", tmp_path / "o.pt", heads=3)
+    with pytest.raises(ConfigError, match="--head_norm applies to a fine-tuned classifier"):
+        import_model("rrcm", tmp_path / "nnet.pth", tmp_path / "o.pt", head_norm="true")
+    torch.save({k: v for k, v in state.items() if k != "pos_embed"}, tmp_path / "broken.pth")
+    with pytest.raises(CheckpointError, match="broken.pth is not an rRCM network: it has no 'pos_embed'"):
+        import_model("rrcm", tmp_path / "broken.pth", tmp_path / "o.pt")
+    torch.save({k: v for k, v in state.items() if "blocks.1.norm2" not in k}, tmp_path / "holey.pth")
+    with pytest.raises(CheckpointError, match=r"holey.pth does not fit the network: 2 missing keys \(blocks.1.norm2"):
+        import_model("rrcm", tmp_path / "holey.pth", tmp_path / "o.pt", heads=2)
+    assert not (tmp_path / "o.pt").exists()

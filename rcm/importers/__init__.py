@@ -28,8 +28,9 @@ FORMATS = {
     "cohen": "rcm.importers.cohen:read",
     "improved-diffusion": "rcm.importers.openai:read_improved",
     "guided-diffusion": "rcm.importers.openai:read_guided",
+    "rrcm": "rcm.importers.rrcm:read",
 }
-ALL_OPTIONS = ("flags", "arch", "dataset", "mean", "std")
+ALL_OPTIONS = ("flags", "arch", "dataset", "mean", "std", "heads", "head_norm")
 
 
 def _reader(fmt: str):
@@ -116,6 +117,10 @@ def add_arguments(p) -> None:
     p.add_argument("--arch", default="", help="cohen: the architecture, when the file does not record it")
     p.add_argument("--dataset", default="", help="cohen: whose normalisation the model applies "
                                                  "(cifar10 or imagenet; default: the architecture's)")
+    p.add_argument("--heads", type=int, default=None, help="rrcm: attention heads (default: width / 64)")
+    p.add_argument("--head_norm", choices=["true", "false"], default=None,
+                   help="rrcm, fine-tuned classifier: does the head read the final LayerNorm's output "
+                        "(default: as the authors' config for the image size; 32 px: false)")
     p.add_argument("--mean", type=float, nargs="+", default=None, help="per-channel mean (overrides)")
     p.add_argument("--std", type=float, nargs="+", default=None, help="per-channel std (overrides)")
 
