@@ -279,15 +279,16 @@ class _RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
-@pytest.mark.parametrize("fmt", ["cohen", "improved-diffusion"])
-def test_a_crafted_source_file_is_refused_before_anything_runs(tmp_path, fmt):
+@pytest.mark.parametrize("fmt,options", [("cohen", {}), ("improved-diffusion", {"flags": SMALL_IMPROVED}),
+                                         ("timm", {"model": "resnet18"}), ("rrcm", {})])
+def test_a_crafted_source_file_is_refused_before_anything_runs(tmp_path, fmt, options):
     marker = tmp_path / "ran"
     torch.save({"arch": "cifar_resnet20", "state_dict": {}, "x": _RunsCode(marker)}, tmp_path / "evil.pt")
     with open(tmp_path / "evil.pkl", "wb") as f:
         pickle.dump({"x": _RunsCode(marker)}, f)
     for src in ("evil.pt", "evil.pkl"):
         with pytest.raises(CheckpointError, match=src):
-            import_model(fmt, tmp_path / src, tmp_path / "out.pt", flags=SMALL_IMPROVED if fmt != "cohen" else "")
+            import_model(fmt, tmp_path / src, tmp_path / "out.pt", **options)
     assert not marker.exists() and not (tmp_path / "out.pt").exists()
 
 
@@ -375,4 +376,120 @@ def test_rrcm_errors(tmp_path):
     torch.save({k: v for k, v in state.items() if "blocks.1.norm2" not in k}, tmp_path / "holey.pth")
     with pytest.raises(CheckpointError, match=r"holey.pth does not fit the network: 2 missing keys \(blocks.1.norm2"):
         import_model("rrcm", tmp_path / "holey.pth", tmp_path / "o.pt", heads=2)
+    assert not (tmp_path / "o.pt").exists()
+
+
+# ----------------------------------------------------------------------------- timm and transformers
+
+def _timm_reference(name, x, **kw):
+    import timm
+
+    net = _randomise(timm.create_model(name, pretrained=False, **kw), seed=3).eval()
+    return net
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_timm_logits_equal_timms_own_forward_with_its_preprocessing(tmp_path, suffix):
+    """resnet18's pretrained config: 224 px, bicubic, ImageNet mean/std; 32 px inputs are resized."""
+    import timm
+    from safetensors.torch import save_file
+
+    net = _randomise(timm.create_model("resnet18", pretrained=False, num_classes=10), seed=3).eval()
+    src = tmp_path / f"weights{suffix}"
+    if suffix == ".safetensors":
+        save_file(net.state_dict(), str(src))
+    else:
+        torch.save({"state_dict": {"module." + k: v for k, v in net.state_dict().items()}}, src)
+    import_model("timm", src, tmp_path / "t.pt", model="resnet18", num_classes=10)
+    model, payload = load_model(tmp_path / "t.pt", kind="classifier")
+    assert model.config["image_size"] == 224 and model.config["interpolation"] == "bicubic"
+    x = torch.rand(2, 3, 32, 32) + 0.25 * torch.randn(2, 3, 32, 32)
+    cfg = timm.data.resolve_model_data_config(net)
+    mean, std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        up = F.interpolate(x, size=(224, 224), mode="bicubic", align_corners=False, antialias=True)
+        assert torch.allclose(model(x), net((up - mean) / std), rtol=1e-5, atol=1e-5)
+        # at the network's own size there is no resize
+        x224 = torch.rand(1, 3, 224, 224)
+        assert torch.allclose(model(x224), net((x224 - mean) / std), rtol=1e-5, atol=1e-5)
+    assert payload["origin"]["details"]["pretrained_cfg"]["input_size"] == [3, 224, 224] or \
+        tuple(payload["origin"]["details"]["pretrained_cfg"]["input_size"]) == (3, 224, 224)
+
+
+def test_timm_vit_at_another_size_and_overridden_normalisation(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    net = _randomise(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=64)).eval()
+    save_file(net.state_dict(), str(tmp_path / "vit.safetensors"))
+    import_model("timm", tmp_path / "vit.safetensors", tmp_path / "v.pt", model="vit_tiny_patch16_224",
+                 num_classes=10, image_size=64, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])
+    model, _ = load_model(tmp_path / "v.pt", kind="classifier")
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), net((x - 0.5) / 0.5), rtol=1e-4, atol=1e-5)
+
+
+def test_timm_errors(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    save_file(timm.create_model("resnet18", pretrained=False, num_classes=10).state_dict(), str(tmp_path / "r.safetensors"))
+    with pytest.raises(ConfigError, match="needs --model"):
+        import_model("timm", tmp_path / "r.safetensors", tmp_path / "o.pt")
+    with pytest.raises(ConfigError, match="--model resnet1000: timm has no such architecture"):
+        import_model("timm", tmp_path / "r.safetensors", tmp_path / "o.pt", model="resnet1000")
+    with pytest.raises(CheckpointError, match=r"r.safetensors does not fit the network: .*are these the weights of 'resnet34'"):
+        import_model("timm", tmp_path / "r.safetensors", tmp_path / "o.pt", model="resnet34", num_classes=10)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(CheckpointError, match="junk.safetensors is not a readable safetensors file"):
+        import_model("timm", tmp_path / "junk.safetensors", tmp_path / "o.pt", model="resnet18")
+    assert not (tmp_path / "o.pt").exists()
+
+
+def _hf_folder(path, image_size=32, processor_size=32):
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       image_size=image_size, patch_size=8, num_labels=10)
+    net = _randomise(ViTForImageClassification(config), seed=5).eval()
+    net.save_pretrained(path)
+    ViTImageProcessor(size={"height": processor_size, "width": processor_size}, image_mean=[0.5, 0.4, 0.3],
+                      image_std=[0.2, 0.25, 0.3], resample=2).save_pretrained(path)
+    return net
+
+
+def test_hf_logits_equal_transformers_forward_with_its_processor_settings(tmp_path):
+    """A ViT at 64 px behind CIFAR-size inputs: bicubic antialiased upsampling (Carlini et al.), then the
+    processor's mean/std; the result is the library's own forward on those pixels."""
+    net = _hf_folder(tmp_path / "vit", image_size=64, processor_size=64)
+    import_model("hf", tmp_path / "vit", tmp_path / "h.pt")
+    model, payload = load_model(tmp_path / "h.pt", kind="classifier")
+    assert model.config["image_size"] == 64 and model.config["interpolation"] == "bicubic"
+    assert payload["origin"]["details"]["processor_resample"] == "bilinear"     # recorded, not used
+    x = torch.rand(2, 3, 32, 32) + 0.1 * torch.randn(2, 3, 32, 32)
+    mean, std = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1), torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        up = F.interpolate(x, size=(64, 64), mode="bicubic", align_corners=False, antialias=True)
+        assert torch.allclose(model(x), net(pixel_values=(up - mean) / std).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_hf_folder_with_a_crafted_bin_is_refused_before_anything_runs(tmp_path):
+    _hf_folder(tmp_path / "vit")
+    (tmp_path / "vit" / "model.safetensors").unlink()
+    torch.save({"x": _RunsCode(tmp_path / "ran")}, tmp_path / "vit" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="vit holds weights with Python objects besides tensors"):
+        import_model("hf", tmp_path / "vit", tmp_path / "o.pt")
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "o.pt").exists()
+
+
+def test_hf_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="nothere is not a transformers model folder"):
+        import_model("hf", tmp_path / "nothere", tmp_path / "o.pt")
+    _hf_folder(tmp_path / "vit")
+    (tmp_path / "vit" / "preprocessor_config.json").unlink()
+    with pytest.raises(CheckpointError, match="vit has no readable image processor"):
+        import_model("hf", tmp_path / "vit", tmp_path / "o.pt")
+    with pytest.raises(ConfigError, match="--format hf takes .*; --model does not apply"):
+        import_model("hf", tmp_path / "vit", tmp_path / "o.pt", model="resnet18")
     assert not (tmp_path / "o.pt").exists()

@@ -23,29 +23,37 @@ import torch
 from rcm.checkpoint import load_weights, save_checkpoint
 from rcm.errors import CheckpointError, ConfigError
 
-# --format -> "module:reader"; each module also lists the OPTIONS it takes.
+# --format -> ("module:reader", the options it takes)
 FORMATS = {
-    "cohen": "rcm.importers.cohen:read",
-    "improved-diffusion": "rcm.importers.openai:read_improved",
-    "guided-diffusion": "rcm.importers.openai:read_guided",
-    "rrcm": "rcm.importers.rrcm:read",
+    "cohen": ("rcm.importers.cohen:read", ("arch", "dataset", "mean", "std")),
+    "improved-diffusion": ("rcm.importers.openai:read_improved", ("flags",)),
+    "guided-diffusion": ("rcm.importers.openai:read_guided", ("flags",)),
+    "timm": ("rcm.importers.library:read_timm", ("model", "image_size", "mean", "std", "interpolation", "num_classes")),
+    "hf": ("rcm.importers.library:read_hf", ("image_size", "mean", "std", "interpolation")),
+    "rrcm": ("rcm.importers.rrcm:read", ("heads", "head_norm")),
 }
-ALL_OPTIONS = ("flags", "arch", "dataset", "mean", "std", "heads", "head_norm")
+ALL_OPTIONS = tuple(dict.fromkeys(o for _, options in FORMATS.values() for o in options))
 
 
 def _reader(fmt: str):
     if fmt not in FORMATS:
         raise ConfigError(f"unknown --format '{fmt}' (known: {', '.join(FORMATS)})")
-    module, name = FORMATS[fmt].split(":")
-    mod = importlib.import_module(module)
-    return getattr(mod, name), mod.OPTIONS
+    path, options = FORMATS[fmt]
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name), options
 
 
 def sha256(path: str | Path) -> str:
+    """Of a file's bytes; of a folder, of each file's relative name and bytes in sorted order."""
+    path = Path(path)
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -117,11 +125,16 @@ def add_arguments(p) -> None:
     p.add_argument("--arch", default="", help="cohen: the architecture, when the file does not record it")
     p.add_argument("--dataset", default="", help="cohen: whose normalisation the model applies "
                                                  "(cifar10 or imagenet; default: the architecture's)")
+    p.add_argument("--model", default="", help="timm: the architecture name the weights belong to")
+    p.add_argument("--image_size", type=int, default=None, help="timm, hf: the network's input size (overrides)")
+    p.add_argument("--interpolation", default="", help="timm, hf: how inputs of another size are resized "
+                                                       "(antialiased; default: timm's config, bicubic for hf)")
+    p.add_argument("--num_classes", type=int, default=None, help="timm: classes of the head (default: the config's)")
     p.add_argument("--heads", type=int, default=None, help="rrcm: attention heads (default: width / 64)")
     p.add_argument("--head_norm", choices=["true", "false"], default=None,
                    help="rrcm, fine-tuned classifier: does the head read the final LayerNorm's output "
                         "(default: as the authors' config for the image size; 32 px: false)")
-    p.add_argument("--mean", type=float, nargs="+", default=None, help="per-channel mean (overrides)")
+    p.add_argument("--mean", type=float, nargs="+", default=None, help="per-channel mean (cohen, timm, hf; overrides)")
     p.add_argument("--std", type=float, nargs="+", default=None, help="per-channel std (overrides)")
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from rcm.errors import CheckpointError, ConfigError
 
-OPTIONS = ("arch", "dataset", "mean", "std")
 
 
 def strip_prefixes(state: dict) -> dict:

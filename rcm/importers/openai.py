@@ -50,7 +50,6 @@ SCRIPT_FLAGS = {"data_dir", "schedule_sampler", "lr", "weight_decay", "lr_anneal
 IMPROVED_MULT = {256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}
 GUIDED_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
 
-OPTIONS = ("flags",)
 
 
 def _bool(text: str, key: str) -> bool:

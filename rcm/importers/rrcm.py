@@ -28,7 +28,6 @@ import re
 
 from rcm.errors import CheckpointError, ConfigError
 
-OPTIONS = ("heads", "head_norm")
 _RENAMES = [(r"^patch_embed\.proj\.", "patch_embed."), (r"\.attn\.qkv\.", ".qkv."), (r"\.attn\.proj\.", ".proj."),
             (r"\.mlp\.fc1\.", ".mlp.0."), (r"\.mlp\.fc2\.", ".mlp.2."), (r"^projection_head\.", "projector."),
             (r"^linear_head\.", "head.")]

@@ -21,10 +21,13 @@ REGISTRY = {
     "rrcm": "rcm.models.vit:RRCMNet",
     "denoiser": "rcm.models.denoiser:Denoiser",
     "cohen_resnet": "rcm.models.cohen:CohenClassifier",
+    "timm": "rcm.models.library:TimmClassifier",
+    "hf": "rcm.models.library:HFClassifier",
 }
 # The role a kind plays in the pipeline: any classifier kind serves where a classifier is expected
 # (``load_model(path, kind="classifier")`` accepts each of them).
-ROLES = {"classifier": "classifier", "cohen_resnet": "classifier", "rrcm": "rrcm", "denoiser": "denoiser"}
+ROLES = {"classifier": "classifier", "cohen_resnet": "classifier", "timm": "classifier", "hf": "classifier",
+         "rrcm": "rrcm", "denoiser": "denoiser"}
 
 
 def model_class(kind: str) -> type[nn.Module]:
