@@ -252,7 +252,8 @@ def test_cli_import_pretrained(digits, tmp_path):
     assert cli.main(argv) == 0  # no scheduler/ folder: the schedule flags apply
     model, payload = load_model(paths.denoiser(digits, "digits"), use_ema=True)
     _assert_same_eps(model, unet)
-    assert model.t_star(0.25) == 1158 and payload["config"]["pretrained"] == str(tmp_path / "ddpm")
+    assert model.t_star(0.25) == 1158 and payload["origin"]["format"] == "diffusers"
+    assert payload["origin"]["source"] == "ddpm" and payload["config"] == {"imported": True}
 
 
 def test_cli_import_missing_path_fails_cleanly(digits, tmp_path, capsys):

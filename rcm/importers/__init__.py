@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
@@ -31,7 +32,11 @@ FORMATS = {
     "timm": ("rcm.importers.library:read_timm", ("model", "image_size", "mean", "std", "interpolation", "num_classes")),
     "hf": ("rcm.importers.library:read_hf", ("image_size", "mean", "std", "interpolation")),
     "rrcm": ("rcm.importers.rrcm:read", ("heads", "head_norm")),
+    "diffusers": ("rcm.importers.diffusers_folder:read", ()),
 }
+# The value of a stage's `pretrained` option that means "train, import nothing": an empty file kept
+# in the repository, so that dvc.yaml can always list `pretrained` as a dependency.
+PLACEHOLDER = "pretrained/train-from-scratch"
 ALL_OPTIONS = tuple(dict.fromkeys(o for _, options in FORMATS.values() for o in options))
 
 
@@ -97,8 +102,10 @@ def load_state_into(module: torch.nn.Module, state: dict, src: str | Path, hint:
     module.load_state_dict(state, strict=True)
 
 
-def import_model(fmt: str, src: str | Path, out: str | Path, **options) -> tuple[torch.nn.Module, dict]:
-    """Read ``src`` in format ``fmt``, write the rcm checkpoint ``out``; returns (model, origin)."""
+def import_model(fmt: str, src: str | Path, out: str | Path, *, schedule: dict | None = None,
+                 **options) -> tuple[torch.nn.Module, dict]:
+    """Read ``src`` in format ``fmt``, write the rcm checkpoint ``out``; returns (model, origin).
+    ``schedule``: the noise schedule of a diffusers folder that has no scheduler config."""
     from rcm.models import ROLES, kind_of
 
     reader, accepted = _reader(fmt)
@@ -107,6 +114,8 @@ def import_model(fmt: str, src: str | Path, out: str | Path, **options) -> tuple
     if foreign:
         raise ConfigError(f"--format {fmt} takes {', '.join('--' + o for o in accepted) or 'no options'}; "
                           f"{', '.join('--' + o for o in foreign)} does not apply")
+    if schedule is not None and fmt == "diffusers":
+        given["schedule"] = schedule
     src = Path(src)
     model, details = reader(src, given)
     kind = kind_of(model)
@@ -116,10 +125,110 @@ def import_model(fmt: str, src: str | Path, out: str | Path, **options) -> tuple
     return model, {**origin, "kind": kind, "role": ROLES[kind]}
 
 
+def is_placeholder(source: str) -> bool:
+    return source in ("", PLACEHOLDER) or Path(source) == Path(PLACEHOLDER)
+
+
+def parse_options(text: str, fmt: str) -> dict:
+    """A stage's ``pretrained_options`` string (``rcm import-model`` flags) as import options."""
+    import argparse
+    import shlex
+
+    parser = argparse.ArgumentParser(prog=f"pretrained_options (--format {fmt})", add_help=False, exit_on_error=False)
+    add_option_arguments(parser)
+    try:
+        args, rest = parser.parse_known_args(shlex.split(text or ""))
+    except (argparse.ArgumentError, ValueError) as exc:
+        raise ConfigError(f"pretrained_options '{text}': {exc}") from None
+    if rest:
+        raise ConfigError(f"pretrained_options '{text}': not rcm import-model options: {' '.join(rest)}")
+    return {k: getattr(args, k) for k in ALL_OPTIONS}
+
+
+def import_for_stage(source: str, fmt: str, options: str, out: str | Path, role: str,
+                     schedule: dict | None = None) -> torch.nn.Module:
+    """What a training stage does when its ``pretrained`` option names a file: import it to ``out``
+    (the checkpoint the stage would have trained), after checking that it plays ``role``."""
+    if not fmt:
+        raise ConfigError(f"pretrained '{source}' needs pretrained_format (one of {', '.join(FORMATS)})")
+    model, origin = import_model(fmt, source, out, schedule=schedule, **parse_options(options, fmt))
+    if origin["role"] != role:
+        Path(out).unlink(missing_ok=True)
+        raise ConfigError(f"pretrained '{source}' (--format {fmt}) is a {origin['role']}, but this stage "
+                          f"needs a {role}")
+    print(f"imported {source} ({fmt}, sha256 {origin['sha256'][:12]}) -> {out}: kind '{origin['kind']}', "
+          f"no training", file=sys.stderr)
+    return model
+
+
+# a key each format's file must hold (after a DataParallel "module." prefix), for check_source
+_SIGNATURE = {"cohen": "state_dict", "improved-diffusion": "input_blocks.0.0.weight",
+              "guided-diffusion": "input_blocks.0.0.weight", "rrcm": "pos_embed"}
+
+
+def check_source(source: str, fmt: str, options: str = "") -> list[str]:
+    """Cheap checks of a ``pretrained`` setting, for the workflow to run before any job starts: the
+    format and options are valid, the file or folder exists and looks like that format (a torch
+    zip file is opened memory-mapped, reading only its key names). One message per problem."""
+    if fmt not in FORMATS:
+        return [f"unknown format '{fmt}' (known: {', '.join(FORMATS)})"]
+    try:
+        parsed = parse_options(options, fmt)
+        accepted = FORMATS[fmt][1]
+        foreign = [o for o, v in parsed.items() if v not in (None, "", [], ()) and o not in accepted]
+        if foreign:
+            return [f"options {', '.join('--' + o for o in foreign)} do not apply to format {fmt}"]
+        if fmt in ("improved-diffusion", "guided-diffusion"):
+            from rcm.importers import openai
+
+            defaults = openai.IMPROVED_DEFAULTS if fmt == "improved-diffusion" else openai.GUIDED_DEFAULTS
+            if not parsed["flags"]:
+                return [f"format {fmt} needs --flags in the options (the model's MODEL_FLAGS and DIFFUSION_FLAGS)"]
+            openai.denoiser_config(openai.parse_flags(parsed["flags"], defaults, fmt), fmt)
+    except ConfigError as exc:
+        return [str(exc)]
+    path = Path(source)
+    if not path.exists():
+        return [f"'{source}' does not exist"]
+    if fmt in ("hf", "diffusers"):
+        if not path.is_dir():
+            return [f"'{source}' must be a folder for format {fmt}"]
+        if not ((path / "config.json").is_file() or (path / "unet" / "config.json").is_file()):
+            return [f"'{source}' holds no config.json: not a {fmt} folder"]
+        return []
+    if not path.is_file():
+        return [f"'{source}' must be a file for format {fmt}"]
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as exc:  # safetensors raises its own error types
+            return [f"'{source}' is not a readable safetensors file ({type(exc).__name__})"]
+        return []
+    if not zipfile.is_zipfile(path):
+        return []  # torch's legacy format cannot be opened lazily; the import job checks it
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - any failure here is the message
+        return [f"'{source}' cannot be read safely ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"]
+    key = _SIGNATURE.get(fmt)
+    if key and isinstance(payload, dict):
+        keys = {k.removeprefix("module.").removeprefix("base_model.") for k in map(str, payload)}
+        if key not in keys:
+            return [f"'{source}' does not look like a {fmt} file (it has no '{key}')"]
+    return []
+
+
 def add_arguments(p) -> None:
     p.add_argument("src", help="the file (or folder) written by the original code")
     p.add_argument("--format", required=True, choices=list(FORMATS), help="the source format")
     p.add_argument("--out", required=True, help="the rcm checkpoint to write")
+    add_option_arguments(p)
+
+
+def add_option_arguments(p) -> None:
     p.add_argument("--flags", default="", help="improved-/guided-diffusion: MODEL_FLAGS and DIFFUSION_FLAGS, "
                                                "as that code's README prints them")
     p.add_argument("--arch", default="", help="cohen: the architecture, when the file does not record it")

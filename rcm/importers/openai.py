@@ -25,7 +25,7 @@ import shlex
 
 import torch
 
-from rcm.errors import CheckpointError, ConfigError
+from rcm.errors import ConfigError
 
 # model_and_diffusion_defaults() of each code base (script_util.py)
 IMPROVED_DEFAULTS = dict(

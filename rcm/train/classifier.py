@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from rcm import paths
 from rcm.data import Split, load_split
 from rcm.errors import ConfigError
+from rcm.importers import PLACEHOLDER
 from rcm.models.classifier import Classifier
 from rcm.options import add_stage_options, from_args, option, resolve_device
 from rcm.train.evaluate import noisy_accuracies
@@ -44,6 +45,12 @@ class ClassifierOptions:
     eval_every: int = option(200, "evaluate every this many steps (and at the end)")
     checkpoint_every: int = option(200, "write resume state every this many steps")
     device: str = option("cpu", "torch device ('cpu', 'cuda', 'cuda:1', ...)")
+    pretrained: str = option("", f"the clean classifier (sigma 0) to import instead of training "
+                                 f"('' or {PLACEHOLDER}: train)")
+    pretrained_format: str = option("", "its rcm import-model --format: cohen, timm or hf")
+    pretrained_options: str = option("", "further rcm import-model options, one string (e.g. '--arch cifar_resnet110')")
+    pretrained_noisy: list[str] = option([], "Gaussian baselines to import instead of training: SIGMA=PATH "
+                                             "entries, same format and options")
 
 
 def add_arguments(p) -> None:
@@ -134,6 +141,13 @@ def make_run(opts: ClassifierOptions, dataset: str, results: str, sigma: float) 
 
 def main(args) -> None:
     opts = from_args(ClassifierOptions, args)
+    from rcm.importers.stage import import_instead, noisy_source
+
+    source = opts.pretrained if args.sigma == 0 else noisy_source(opts.pretrained_noisy, args.sigma)
+    if import_instead(source, opts.pretrained_format, opts.pretrained_options,
+                      paths.classifier(args.results, args.dataset, args.sigma), "classifier",
+                      args.dataset, args.results):
+        return
     run = make_run(opts, args.dataset, args.results, args.sigma)
     metrics = train(run)
     print(f"wrote {run.out}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics[-1].items()

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import sys
 from dataclasses import dataclass
 
 import torch
 
 from rcm import paths
-from rcm.checkpoint import save_checkpoint
 from rcm.data import load_split
 from rcm.errors import ConfigError
-from rcm.models.denoiser import Denoiser, load_pretrained
+from rcm.importers import PLACEHOLDER
+from rcm.models.denoiser import Denoiser
 from rcm.options import add_stage_options, from_args, option, resolve_device
 from rcm.train.loop import Run, batch_rows, train
 
@@ -48,8 +47,13 @@ class DenoiserOptions:
     eval_every: int = option(500, "evaluate every this many steps (and at the end)")
     checkpoint_every: int = option(500, "write resume state every this many steps")
     device: str = option("cpu", "torch device ('cpu', 'cuda', ...)")
-    pretrained: str = option("", "a local diffusers UNet2DModel or pipeline directory to import instead of "
-                                 "training; its scheduler config (if any) overrides the schedule options")
+    pretrained: str = option("", f"a denoiser to import instead of training ('' or {PLACEHOLDER}: train), "
+                                 "then fine-tuned by finetune-denoiser for mdds; a diffusers folder's "
+                                 "scheduler config (if any) overrides the schedule options")
+    pretrained_format: str = option("", "its rcm import-model --format: improved-diffusion, "
+                                        "guided-diffusion or diffusers (default for a folder)")
+    pretrained_options: str = option("", "further rcm import-model options, one string (improved-/guided-"
+                                         "diffusion: --flags \"...\" as that code's README prints them)")
 
 
 def add_arguments(p) -> None:
@@ -118,22 +122,16 @@ def make_run(opts: DenoiserOptions, dataset: str, results: str) -> Run:
                desc="denoiser")
 
 
-def import_pretrained(opts: DenoiserOptions, dataset: str, results: str) -> None:
-    """Write the user's diffusers model as the denoiser checkpoint (step 0, no optimiser state)."""
-    model = load_pretrained(opts.pretrained, schedule=schedule(opts))
-    out = paths.denoiser(results, dataset)
-    config = {**dataclasses.asdict(opts), "dataset": dataset}
-    save_checkpoint(out, kind="denoiser", model_config=model.config, model_state=model.state_dict(), step=0,
-                    config=config, ema=None, metrics=[])
-    sigmas = ", ".join(f"sigma={s}: t*={model.t_star(s)}" for s in opts.eval_sigmas)
-    print(f"imported {opts.pretrained} -> {out} ({model.config['beta_schedule']}, "
-          f"T={model.num_timesteps}; {sigmas})", file=sys.stderr)
-
-
 def main(args) -> None:
     opts = from_args(DenoiserOptions, args)
-    if opts.pretrained:
-        import_pretrained(opts, args.dataset, args.results)
+    from pathlib import Path
+
+    from rcm.importers.stage import import_instead
+
+    fmt = opts.pretrained_format or ("diffusers" if Path(opts.pretrained).is_dir() else "")
+    out = paths.denoiser(args.results, args.dataset)
+    if import_instead(opts.pretrained, fmt, opts.pretrained_options, out, "denoiser", args.dataset,
+                      args.results, schedule=schedule(opts) if fmt == "diffusers" else None):
         return
     run = make_run(opts, args.dataset, args.results)
     metrics = train(run)

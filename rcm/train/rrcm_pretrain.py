@@ -23,6 +23,7 @@ from torch import nn
 
 from rcm import paths
 from rcm.data import Split, load_split
+from rcm.importers import PLACEHOLDER
 from rcm.errors import ConfigError
 from rcm.models.vit import CERTIFY_GRID_POINTS, RRCMNet, edm_grid, nearest_grid_index, num_grid_points
 from rcm.options import add_stage_options, from_args, option, resolve_device
@@ -79,6 +80,10 @@ class PretrainOptions:
     knn_k: int = option(20, "neighbours of the k-NN evaluation")
     knn_bank: int = option(0, "training images in the k-NN memory bank, evenly spaced (0: all)")
     device: str = option("cpu", "torch device")
+    pretrained: str = option("", f"the rRCM authors' pretrained network (nnet.pth) to import instead of "
+                                 f"pretraining ('' or {PLACEHOLDER}: train); finetune-rrcm then fine-tunes it")
+    pretrained_format: str = option("", "its rcm import-model --format: rrcm")
+    pretrained_options: str = option("", "further rcm import-model options, one string (e.g. '--heads 12')")
 
 
 def target_decay(step: int, total_steps: int, start: float = 0.99, end: float = 0.9999,
@@ -262,6 +267,11 @@ def add_arguments(p) -> None:
 
 def main(args) -> None:
     o = from_args(PretrainOptions, args)
+    from rcm.importers.stage import import_instead
+
+    if import_instead(o.pretrained, o.pretrained_format, o.pretrained_options,
+                      paths.rrcm_pretrained(args.results, args.dataset), "rrcm", args.dataset, args.results):
+        return
     train_split = load_split(paths.prepared(args.results, args.dataset, "train"))
     val_split = load_split(paths.prepared(args.results, args.dataset, "val"))
     out = paths.rrcm_pretrained(args.results, args.dataset)

@@ -1,0 +1,72 @@
+"""The training stages' side of importing: a stage whose ``pretrained`` option names a file imports
+it (`rcm.importers.import_for_stage`) instead of training, and checks the result against the
+prepared data before anything downstream relies on it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rcm import paths
+from rcm.data import load_split
+from rcm.errors import ConfigError
+from rcm.importers import import_for_stage, is_placeholder
+
+
+def noisy_source(entries: list[str], sigma: float) -> str:
+    """The source of the Gaussian baseline at ``sigma`` in ``SIGMA=PATH`` entries, or ''."""
+    found = ""
+    for entry in entries:
+        key, sep, path = entry.partition("=")
+        if not sep or not path:
+            raise ConfigError(f"pretrained_noisy: '{entry}' is not SIGMA=PATH")
+        try:
+            if paths.fmt_sigma(key) == paths.fmt_sigma(sigma):
+                found = path
+        except ValueError:
+            raise ConfigError(f"pretrained_noisy: '{key}' in '{entry}' is not a noise level") from None
+    return found
+
+
+def import_instead(source: str, fmt: str, options: str, out: Path, role: str, dataset: str, results: str,
+                   schedule: dict | None = None) -> bool:
+    """Import ``source`` to ``out`` when it names a model (then True), else do nothing (False)."""
+    if is_placeholder(source):
+        return False
+    if not Path(source).exists():
+        raise ConfigError(f"pretrained '{source}' does not exist")
+    val = load_split(paths.prepared(results, dataset, "val"))
+    model = import_for_stage(source, fmt, options, out, role, schedule=schedule)
+    try:
+        check_fits(model, val, role, source)
+    except ConfigError:
+        Path(out).unlink(missing_ok=True)
+        raise
+    return True
+
+
+@torch.no_grad()
+def check_fits(model: torch.nn.Module, split, role: str, source: str) -> None:
+    """One forward pass on two validation images: channels, size and classes must fit the data."""
+    x = split.float_images(torch.arange(min(2, len(split))))         # (2, C, H, W) in [0, 1]
+    c, h = x.shape[1], x.shape[-1]
+    config = getattr(model, "config", {})
+    if role == "denoiser":
+        if config.get("in_channels") != c or config.get("image_size") != h:
+            raise ConfigError(f"pretrained '{source}' denoises {config.get('in_channels')}-channel "
+                              f"{config.get('image_size')} px images; the data has {c} channels at {h} px")
+        model.denoise_one_shot(x, 0.25)
+        return
+    try:
+        if role == "rrcm" and model.head is None:        # a pretrained encoder: no classes to check
+            model.representation(2 * x - 1, 0.5)
+            return
+        logits = model(x) if role == "classifier" else model(2 * x - 1, 0.5)
+    except RuntimeError as exc:
+        raise ConfigError(f"pretrained '{source}' cannot read the data's {c}-channel {h} px images: "
+                          f"{str(exc).splitlines()[0]}") from None
+    if logits.shape[-1] < split.num_classes:
+        raise ConfigError(f"pretrained '{source}' has {logits.shape[-1]} outputs; the data has "
+                          f"{split.num_classes} classes")
