@@ -1,6 +1,7 @@
 # Config validation, the flag renderer and input functions. No rules here.
 
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import yaml
 from snakemake.utils import update_config
 
 from rcm import paths
+from rcm.importers import check_source, is_placeholder
 from rcm.report import parse_baseline
 
 
@@ -72,6 +74,7 @@ def _semantic_errors(cfg: dict) -> list[str]:
         if missing:
             lines.append(f"cascades.{i}.flags.sigmas: {missing} not in sigmas {cfg['sigmas']} "
                          "(the per-sigma models of a cascade are those of `sigmas`)")
+    lines += _noisy_errors(cfg)
     lines += _path_errors(cfg)
     return lines
 
@@ -95,11 +98,50 @@ def _path_errors(cfg: dict) -> list[str]:
         if not path.is_file():
             lines.append(f"report.baselines.{i}: '{path}' is not a file (a published certification "
                          "log: NAME=FILE, or FILE)")
-    needs_denoiser = {"dds", "mdds"} & set(cfg["methods"])
-    pretrained = cfg["denoiser"].get("pretrained", "")
-    if needs_denoiser and pretrained and not Path(pretrained).exists():
-        lines.append(f"denoiser.pretrained: '{pretrained}' does not exist (a diffusers-format DDPM "
-                     "directory, or '' to train the denoiser from scratch)")
+    for section, sigma, source in pretrained_sources(cfg):
+        sec = cfg[section]
+        fmt = sec["pretrained_format"] or ("diffusers" if section == "denoiser" and Path(source).is_dir() else "")
+        where = f"{section}.pretrained" if sigma is None else f"{section}.pretrained_noisy ({sigma})"
+        if not fmt:
+            lines.append(f"{where}: '{source}' is set, so {section}.pretrained_format must say its format")
+            continue
+        lines += [f"{where}: {problem}" for problem in check_source(source, fmt, sec["pretrained_options"])]
+    return lines
+
+
+def pretrained_sources(cfg: dict) -> list[tuple[str, str | None, str]]:
+    """(section, sigma or None, source) of every model the config imports instead of training, for
+    the methods it certifies."""
+    methods = set(cfg["methods"]) | set(cfg["sequential_methods"])
+    out = []
+    if {"dds", "mdds"} & methods and not is_placeholder(cfg["denoiser"]["pretrained"]):
+        out.append(("denoiser", None, cfg["denoiser"]["pretrained"]))
+    if {"dds", "mdds"} & methods and not is_placeholder(cfg["classifier"]["pretrained"]):
+        out.append(("classifier", None, cfg["classifier"]["pretrained"]))
+    if "gaussian" in methods:
+        for entry in cfg["classifier"]["pretrained_noisy"]:
+            sigma, _, source = entry.partition("=")
+            out.append(("classifier", sigma, source))
+    if "rrcm" in methods and not is_placeholder(cfg["rrcm_pretrain"]["pretrained"]):
+        out.append(("rrcm_pretrain", None, cfg["rrcm_pretrain"]["pretrained"]))
+    return out
+
+
+def _noisy_errors(cfg: dict) -> list[str]:
+    lines, seen = [], set()
+    for i, entry in enumerate(cfg["classifier"]["pretrained_noisy"]):
+        sigma, sep, source = entry.partition("=")
+        try:
+            s = float(sigma)
+        except ValueError:
+            s = None
+        if not sep or not source or s is None:
+            lines.append(f"classifier.pretrained_noisy.{i}: '{entry}' is not SIGMA=PATH")
+        elif s not in cfg["sigmas"]:
+            lines.append(f"classifier.pretrained_noisy.{i}: sigma {sigma} is not in sigmas {cfg['sigmas']}")
+        elif s in seen:
+            lines.append(f"classifier.pretrained_noisy.{i}: sigma {sigma} is listed twice")
+        seen.add(s)
     return lines
 
 
@@ -159,6 +201,14 @@ SHARDS = config["certify"]["shards"]
 CASCADES = {c["method"]: c for c in config["cascades"]}
 SEQUENTIAL_METHODS = config["sequential_methods"]
 BASELINE_FILES = [str(parse_baseline(item)[1]) for item in config["report"]["baselines"]]
+# the models imported instead of trained: sigma text -> source (classifiers), or the source (others)
+IMPORTED_CLASSIFIERS = {
+    **({paths.fmt_sigma(0.0): config["classifier"]["pretrained"]}
+       if not is_placeholder(config["classifier"]["pretrained"]) else {}),
+    **{paths.fmt_sigma(e.partition("=")[0]): e.partition("=")[2] for e in config["classifier"]["pretrained_noisy"]},
+}
+IMPORTED_DENOISER = "" if is_placeholder(config["denoiser"]["pretrained"]) else config["denoiser"]["pretrained"]
+IMPORTED_RRCM = "" if is_placeholder(config["rrcm_pretrain"]["pretrained"]) else config["rrcm_pretrain"]["pretrained"]
 
 
 wildcard_constraints:
@@ -213,6 +263,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 # one reruns that stage and what depends on it (Snakemake: newer and a different checksum; DVC: a
 # different hash). Shared plumbing (cli, options, atomic, checkpoint, train/loop) is deliberately
 # not listed; see docs/workflow.md.
+IMPORTERS = ["rcm/importers/__init__.py", "rcm/importers/stage.py", "rcm/importers/cohen.py",
+             "rcm/importers/openai.py", "rcm/importers/library.py", "rcm/importers/rrcm.py",
+             "rcm/importers/diffusers_folder.py"]
 CODE = {
     "prepare": ["rcm/data.py"],
     "train_denoiser": ["rcm/train/denoiser.py", "rcm/models/denoiser.py"],
@@ -221,6 +274,10 @@ CODE = {
     "pretrain_rrcm": ["rcm/train/rrcm_pretrain.py", "rcm/train/rrcm_losses.py", "rcm/train/augment.py",
                       "rcm/models/vit.py"],
     "finetune_rrcm": ["rcm/train/rrcm_finetune.py"],
+    # a stage that imports instead of training: the readers, and the models they build
+    "import_classifier": [*IMPORTERS, "rcm/models/cohen.py", "rcm/models/library.py"],
+    "import_denoiser": [*IMPORTERS, "rcm/models/denoiser.py", "rcm/models/openai_unet.py"],
+    "import_rrcm": [*IMPORTERS, "rcm/models/vit.py"],
     "certify": ["rcm/certify.py", "rcm/smoothing.py", "rcm/stats.py", "rcm/models/factory.py"],
     "certify_cascade": ["rcm/certify.py", "rcm/smoothing.py", "rcm/stats.py", "rcm/models/factory.py",
                         "rcm/cascade.py"],

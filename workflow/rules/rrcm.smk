@@ -1,25 +1,51 @@
-# rRCM: one contrastive consistency pretraining, then one fine-tuned model per sigma.
+# rRCM: one contrastive consistency pretraining (or the authors' pretrained network, imported), then
+# one fine-tuned model per sigma.
 
 
-rule pretrain_rrcm:
-    input:
-        train=str(paths.prepared(R, D, "train")),
-        val=str(paths.prepared(R, D, "val")),
-        code=CODE["pretrain_rrcm"],
-    output:
-        str(paths.rrcm_pretrained(R, D)),
-    params:
-        dataset=D,
-        results=R,
-        flags=flags(config["rrcm_pretrain"]),
-    log:
-        log("pretrain_rrcm"),
-    benchmark:
-        bench("pretrain_rrcm")
-    threads: 1
-    shell:
-        "{RCM} --threads {threads} pretrain-rrcm --dataset {params.dataset} --results {params.results}"
-        " {params.flags} > {log} 2>&1"
+if IMPORTED_RRCM:
+    # rrcm_pretrain.pretrained names the authors' pretrained network: `rcm pretrain-rrcm` imports it
+
+    rule import_rrcm:
+        input:
+            source=IMPORTED_RRCM,
+            val=str(paths.prepared(R, D, "val")),
+            code=CODE["import_rrcm"],
+        output:
+            str(paths.rrcm_pretrained(R, D)),
+        params:
+            dataset=D,
+            results=R,
+            flags=flags(config["rrcm_pretrain"]),
+        log:
+            log("import_rrcm"),
+        benchmark:
+            bench("import_rrcm")
+        threads: 1
+        shell:
+            "{RCM} --threads {threads} pretrain-rrcm --dataset {params.dataset} --results {params.results}"
+            " {params.flags} > {log} 2>&1"
+
+else:
+
+    rule pretrain_rrcm:
+        input:
+            train=str(paths.prepared(R, D, "train")),
+            val=str(paths.prepared(R, D, "val")),
+            code=CODE["pretrain_rrcm"],
+        output:
+            str(paths.rrcm_pretrained(R, D)),
+        params:
+            dataset=D,
+            results=R,
+            flags=flags(config["rrcm_pretrain"]),
+        log:
+            log("pretrain_rrcm"),
+        benchmark:
+            bench("pretrain_rrcm")
+        threads: 1
+        shell:
+            "{RCM} --threads {threads} pretrain-rrcm --dataset {params.dataset} --results {params.results}"
+            " {params.flags} > {log} 2>&1"
 
 
 rule finetune_rrcm:
