@@ -3,7 +3,8 @@
 Images are every ``skip``-th test image (at most ``max_images``); shard K of N takes every N-th of
 them starting at K. The noise for image ``idx`` comes from a generator seeded by
 (seed, method, sigma, idx), so any sharding gives identical rows (time aside). The certificate is
-written atomically once the shard is done: an interrupted shard leaves no file.
+written atomically once the shard is done: an interrupted shard leaves no certificate, only its
+partial file (rcm.partial), from which a rerun resumes at the first unfinished image.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -21,7 +23,8 @@ from rcm.certificate import write_certificate
 from rcm.data import load_split
 from rcm.errors import ConfigError
 from rcm.flops import flops_per_sample
-from rcm.models.factory import METHODS, base_classifier
+from rcm.models.factory import METHODS, base_classifier, checkpoints
+from rcm.partial import PartialRows, file_stamp
 from rcm.options import add_options, add_stage_options, from_args, option, resolve_device
 from rcm.report import DEFAULT_RADII
 from rcm.smoothing import Smooth, noise_generator
@@ -118,12 +121,22 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
 
     smooth = None if cascade else Smooth(members[0][1], split.num_classes, members[0][0])
     alpha_guaranteed = guaranteed_alpha(o.alpha, len(members), alpha_split) if cascade else None
+    models = sorted({str(f) for s, _ in members for f in checkpoints(method, s, results, dataset).values()})
+    fingerprint = dict(protocol=asdict(o) | {"device": device.type}, method=method, sigma=sigma, shard=shard,
+                       sigmas=sigmas, p0=p0, alpha_split=alpha_split, sequential=sequential,
+                       radii=radii if sequential else None,
+                       files=[file_stamp(f) for f in models + [str(paths.prepared(results, dataset, "test"))]
+                              if Path(f).exists()])
+    partial = PartialRows(out, fingerprint)
     records = []
     bar = tqdm(rows.tolist(), desc=f"certify {method} sigma={sigma} shard {shard}/{o.shards}",
                unit="img", disable=not progress, file=sys.stderr,
                mininterval=0.5 if sys.stderr.isatty() else 10.0)
     for row in bar:
         idx, label = int(split.indices[row]), int(split.labels[row])
+        if idx in partial.done:                  # certified before an interruption
+            records.append(partial.done[idx])
+            continue
         x = split.float_images(row).to(device)  # (C, H, W)
         start = time.perf_counter()
         if cascade:
@@ -155,9 +168,15 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
         records.append(dict(idx=idx, label=label, predict=prediction, radius=radius,
                             correct=int(prediction == label), time=elapsed,
                             n0=o.n0, n=o.n, alpha=o.alpha, seed=o.seed, batch_size=o.batch_size, **extra))
+        partial.append(records[-1])
     bar.close()
-    write_certificate(out, records, CASCADE_COLUMNS if cascade else
-                      SEQUENTIAL_COLUMNS if sequential else EXTRA_COLUMNS)
+    finished = False
+    try:
+        write_certificate(out, records, CASCADE_COLUMNS if cascade else
+                          SEQUENTIAL_COLUMNS if sequential else EXTRA_COLUMNS)
+        finished = True
+    finally:
+        partial.close(finished=finished)
     return out
 
 

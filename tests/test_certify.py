@@ -1,5 +1,7 @@
 """The certify stage: shard-layout invariance, atomic writes, provenance columns, bad inputs."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -10,6 +12,7 @@ from rcm.certificate import read_certificate
 from rcm.certify import CertifyOptions, certify_shard
 from rcm.cli import main as cli
 from rcm.errors import ConfigError
+from rcm.partial import MAGIC, partial_path
 
 
 class NoisyDigitGuesser(nn.Module):
@@ -70,7 +73,7 @@ def test_certificate_columns_and_provenance(digits_results, stub_models):
     assert list(df.idx) == list(range(0, 360, 30))
 
 
-def test_interrupted_shard_leaves_no_certificate(digits_results, monkeypatch):
+def test_interrupted_shard_leaves_no_certificate_and_keeps_its_finished_rows(digits_results, monkeypatch):
     calls = {"n": 0}
 
     class Dies(NoisyDigitGuesser):
@@ -81,11 +84,54 @@ def test_interrupted_shard_leaves_no_certificate(digits_results, monkeypatch):
             return super().forward(x)
 
     monkeypatch.setattr(certify_mod, "base_classifier", lambda *a, **k: Dies())
+    o = CertifyOptions(n0=10, n=50, batch_size=50, skip=10)
+    common = dict(dataset="digits", results=str(digits_results), method="rrcm", sigma="0.25", shard=0, o=o,
+                  progress=False)
     with pytest.raises(KeyboardInterrupt):
-        certify_shard(dataset="digits", results=str(digits_results), method="rrcm", sigma="0.25", shard=0,
-                      o=CertifyOptions(n0=10, n=50, batch_size=50, skip=10), progress=False)
-    folder = paths.certificate(digits_results, "digits", "rrcm", 0.25, 0, 1).parent
-    assert not folder.exists() or list(folder.iterdir()) == []
+        certify_shard(**common)
+    out = paths.certificate(digits_results, "digits", "rrcm", 0.25, 0, 1)
+    assert not out.exists()
+    assert [p.name for p in out.parent.iterdir()] == [partial_path(out).name]
+    assert len(partial_path(out).read_text().splitlines()) == 1 + 2   # fingerprint, 2 images (2 calls each)
+    # the rerun resumes: the two finished images are not certified again, and the result is the
+    # uninterrupted run's (time aside)
+    calls["n"] = -10 ** 9
+    monkeypatch.setattr(certify_mod, "base_classifier", lambda *a, **k: NoisyDigitGuesser())
+    seen = []
+    monkeypatch.setattr(certify_mod.Smooth, "certify_with_details",
+                        _recording(certify_mod.Smooth.certify_with_details, seen))
+    resumed = _rows(certify_shard(**common))
+    assert not partial_path(out).exists() and len(seen) == len(resumed) - 2
+    fresh = _rows(certify_shard(**{**common, "results": str(_copy_data(digits_results))}))
+    assert resumed == fresh
+
+
+def _recording(method, seen):
+    def wrapper(self, x, *args, **kwargs):
+        seen.append(1)
+        return method(self, x, *args, **kwargs)
+    return wrapper
+
+
+def _copy_data(results):
+    """Another results root with the same prepared data and no certificates."""
+    import shutil
+
+    other = Path(str(results) + "_copy")
+    shutil.copytree(Path(results) / "digits" / "data", other / "digits" / "data")
+    return other
+
+
+def test_a_partial_file_of_other_settings_is_not_resumed(digits_results, stub_models, capsys):
+    o = CertifyOptions(n0=10, n=50, batch_size=50, skip=40)
+    common = dict(dataset="digits", results=str(digits_results), method="gaussian", sigma="0.5", shard=0,
+                  progress=False)
+    out = paths.certificate(digits_results, "digits", "gaussian", 0.5, 0, 1)
+    partial_path(out).parent.mkdir(parents=True)
+    partial_path(out).write_text(MAGIC + '{"protocol": "other"}\n{"idx": 0, "label": 0, "predict": 0}\n')
+    rows = _rows(certify_shard(o=o, **common))
+    assert "starting this shard over" in capsys.readouterr().err
+    assert rows == _rows(certify_shard(o=o, **{**common, "results": str(_copy_data(digits_results))}))
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -154,3 +200,54 @@ def test_sequential_is_refused_for_cascades(digits_results, stub_models):
         certify_shard(dataset="digits", results=str(digits_results), method="mdds", sigma="cascade",
                       sigmas=[0.5, 0.25], shard=0, o=CertifyOptions(n0=10, n=60), progress=False,
                       sequential=True)
+
+
+def test_kill_9_mid_shard_then_rerun_equals_an_uninterrupted_run(digits_results, tmp_path):
+    """`rcm certify` killed with SIGKILL after a few images: no certificate, the finished rows in the
+    partial file; the rerun certifies only the rest, and its certificate is the uninterrupted one."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from rcm.checkpoint import save_checkpoint
+    from rcm.models.classifier import Classifier
+
+    torch.manual_seed(0)
+    net = Classifier(in_channels=1, num_classes=10, image_size=8, width=4, blocks=1, stages=1)
+    save_checkpoint(paths.classifier(digits_results, "digits", 0.5), kind="classifier",
+                    model_config=net.config, model_state=net.state_dict(), step=0)
+    other = tmp_path / "uninterrupted"
+    shutil.copytree(digits_results / "digits", other / "digits")
+    argv = ["--method", "gaussian", "--sigma", "0.5", "--n0", "100", "--n", "30000", "--batch_size", "10000",
+            "--skip", "30", "--device", "cpu"]
+
+    def certify(results, wait=True):
+        cmd = [sys.executable, "-m", "rcm", "--threads", "1", "certify", "--dataset", "digits",
+               "--results", str(results), *argv]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if wait:
+            out, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, err[-2000:]
+            return err
+        return proc
+
+    out = paths.certificate(digits_results, "digits", "gaussian", 0.5, 0, 1)
+    proc = certify(digits_results, wait=False)
+    deadline = time.time() + 300
+    while not (partial_path(out).exists() and len(partial_path(out).read_text().splitlines()) >= 1 + 3):
+        assert proc.poll() is None and time.time() < deadline, "the shard ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    kept = len(partial_path(out).read_text().splitlines()) - 1
+    assert 3 <= kept < 12                                     # 12 images: every 30th of 360
+    err = certify(digits_results)
+    assert f"resuming after {kept} certified images" in err
+    assert not partial_path(out).exists()
+    certify(other)
+    resumed, fresh = _rows(out), _rows(paths.certificate(other, "digits", "gaussian", 0.5, 0, 1))
+    assert len(resumed) == 12 and resumed == fresh

@@ -51,11 +51,11 @@ COMMAND_SECTIONS = {
 }
 # the rules that make a model by training or by importing, and the code of either way
 MODEL_RULES = {"train_classifier", "import_classifier", "train_denoiser", "import_denoiser",
-               "pretrain_rrcm", "import_rrcm"}
+               "pretrain_rrcm", "import_rrcm", "finetune_rrcm", "import_rrcm_classifier"}
 TRAIN_OR_IMPORT_CODE = {"rcm/importers", "rcm/models/cohen.py", "rcm/models/library.py", "rcm/models/openai_unet.py",
                         "rcm/train/classifier.py", "rcm/models/classifier.py", "rcm/train/denoiser.py",
                         "rcm/models/denoiser.py", "rcm/train/rrcm_pretrain.py", "rcm/train/rrcm_losses.py",
-                        "rcm/train/augment.py", "rcm/models/vit.py"}
+                        "rcm/train/augment.py", "rcm/models/vit.py", "rcm/train/rrcm_finetune.py"}
 REPORT_FILES = {"certified_accuracy.csv", "certified_accuracy.md", "certified_accuracy.tex",
                 "certified_accuracy.png", "metrics.json", "plot_certified_accuracy.csv", "paired_tests.csv",
                 "cost.csv", "cost.md", "sources.txt"}
@@ -777,7 +777,8 @@ def test_killed_certification_keeps_finished_shards(tiny_run, tmp_path):
     (interrupted,) = set(shards) - {finished}
     assert len(read_certificate(finished)) == 1
     leftovers = [p.name for p in interrupted.parent.iterdir() if interrupted.name in p.name]
-    assert all(name.startswith(".") and name.endswith(".tmp") for name in leftovers), leftovers
+    # hidden files only: a temporary write, or the partial file a rerun resumes from (rcm.partial)
+    assert all(name.startswith(".") and name.endswith((".tmp", ".partial")) for name in leftovers), leftovers
     mtime = finished.stat().st_mtime_ns
 
     assert snakemake(repo, "--unlock").returncode == 0
