@@ -138,3 +138,26 @@ def test_cli_rejects_negative_sigma(digits, capsys):
     assert cli.main(["train-classifier", "--dataset", "digits", "--results", str(digits),
                      "--sigma", "-0.1", "--steps", "1"]) == 2
     assert "sigma" in capsys.readouterr().err
+
+
+def test_cohen_architecture_trains_and_resumes_as_its_own_kind(tmp_path):
+    """--arch cifar_resnet20: Cohen et al.'s network (their normalisation) trained by the same stage;
+    the checkpoint rebuilds it, and is accepted wherever a classifier is."""
+    from test_data import _write_cifar
+
+    _write_cifar(tmp_path / "cifar", n_train=8, n_test=4)
+    prepare("cifar10", tmp_path / "results", root=str(tmp_path / "cifar"), verify_checksums=False)
+    argv = ["train-classifier", "--dataset", "cifar10", "--results", str(tmp_path / "results"), "--sigma", "0.25",
+            "--arch", "cifar_resnet20", "--steps", "2", "--batch_size", "4", "--eval_every", "2",
+            "--checkpoint_every", "1", "--eval_sigmas", "0.25"]
+    assert cli.main(argv) == 0
+    model, payload = load_model(paths.classifier(tmp_path / "results", "cifar10", 0.25), kind="classifier")
+    assert payload["kind"] == "cohen_resnet" and model.config["arch"] == "cifar_resnet20"
+    assert model.config["mean"] == pytest.approx([0.4914, 0.4822, 0.4465])
+
+
+def test_cohen_architecture_refuses_data_it_cannot_read(digits, capsys):
+    assert cli.main(["train-classifier", "--dataset", "digits", "--results", str(digits), "--sigma", "0.0",
+                     "--arch", "cifar_resnet110", "--steps", "1"]) == 2
+    assert "--arch cifar_resnet110 takes 3-channel 32 x 32 images; the data has 1 channels at 8 x 8" in \
+        capsys.readouterr().err

@@ -20,6 +20,7 @@ from rcm import paths
 from rcm.data import Split, load_split
 from rcm.errors import ConfigError
 from rcm.importers import PLACEHOLDER
+from rcm.models import kind_of
 from rcm.models.classifier import Classifier
 from rcm.options import add_stage_options, from_args, option, resolve_device
 from rcm.train.evaluate import noisy_accuracies
@@ -28,6 +29,8 @@ from rcm.train.loop import Run, batch_rows, train
 
 @dataclass
 class ClassifierOptions:
+    arch: str = option("preact", "'preact' (rcm's pre-activation ResNet: width, blocks, stages) or Cohen et al.'s "
+                                 "cifar_resnet20 | cifar_resnet110 | resnet50, with their normalisation")
     width: int = option(16, "channels of the first stage (doubled at each later stage)")
     blocks: int = option(1, "residual blocks per stage")
     stages: int = option(2, "stages (each after the first halves the resolution)")
@@ -84,10 +87,19 @@ def channel_stats(data: Split, max_images: int = 10_000) -> tuple[list[float], l
     return x.mean(1).tolist(), x.std(1).clamp_min(1e-3).tolist()
 
 
-def build(opts: ClassifierOptions, data: Split) -> Classifier:
+def build(opts: ClassifierOptions, data: Split) -> torch.nn.Module:
     _, C, H, W = data.images.shape
     if H != W:
         raise ConfigError(f"classifier expects square images, got {H}x{W}")
+    if opts.arch != "preact":
+        from rcm.models.cohen import ARCHS, CohenClassifier
+
+        if opts.arch not in ARCHS:
+            raise ConfigError(f"--arch {opts.arch}: not 'preact' nor one of Cohen et al.'s {', '.join(ARCHS)}")
+        if C != 3 or (opts.arch.startswith("cifar_") and H != 32):
+            raise ConfigError(f"--arch {opts.arch} takes 3-channel {'32 x 32 ' if opts.arch.startswith('cifar_') else ''}"
+                              f"images; the data has {C} channels at {H} x {W}")
+        return CohenClassifier(arch=opts.arch, num_classes=data.num_classes, image_size=H)
     mean, std = channel_stats(data)
     return Classifier(in_channels=C, num_classes=data.num_classes, image_size=H, width=opts.width,
                       blocks=opts.blocks, stages=opts.stages, mean=mean, std=std)
@@ -132,7 +144,7 @@ def make_run(opts: ClassifierOptions, dataset: str, results: str, sigma: float) 
                                 opts.eval_sigmas, seed=opts.seed)
 
     config = {**dataclasses.asdict(opts), "dataset": dataset, "sigma": sigma}
-    return Run(out=paths.classifier(results, dataset, sigma), kind="classifier", model=model,
+    return Run(out=paths.classifier(results, dataset, sigma), kind=kind_of(model), model=model,
                model_config=model.config, config=config, optimizer=optimizer, loss_fn=loss_fn,
                steps=opts.steps, seed=opts.seed, checkpoint_every=opts.checkpoint_every,
                eval_every=opts.eval_every, eval_fn=eval_fn, scheduler=scheduler,
