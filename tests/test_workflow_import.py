@@ -4,15 +4,17 @@ only what depends on it. Data: CIFAR-10 batch files in the real format; models: 
 checkpoint layout and an improved-diffusion state dict, all written here."""
 
 import pytest
+import torch
 import yaml
 
 from test_data import _write_cifar
-from test_import import SMALL_IMPROVED, _cohen_file, _openai_file, _randomise
+from test_import import RRCM, SMALL_IMPROVED, _cohen_file, _openai_file, _randomise, _reference_state
 from test_workflow import (dry_run, dvc_stages, make_copy, parse_rcm, rcm_tokens, snakemake, tail)
 
 CLEAN = "pretrained/cohen/noise_0.00/checkpoint.pth.tar"
 NOISY = "pretrained/cohen/noise_0.25/checkpoint.pth.tar"
 DDPM = "pretrained/cifar10_uncond.pt"
+RRCM_FT = "pretrained/rrcm/finetuned_0.25.pth"
 
 
 def write_cohen(repo, path, seed):
@@ -24,7 +26,7 @@ def write_cohen(repo, path, seed):
 
 def imports_config(repo) -> dict:
     cfg = yaml.safe_load((repo / "config/config.yaml").read_text())
-    cfg.update(dataset="cifar10", methods=["gaussian", "dds"], sigmas=[0.25], cascades=[], sequential_methods=[],
+    cfg.update(dataset="cifar10", methods=["gaussian", "dds", "rrcm"], sigmas=[0.25], cascades=[], sequential_methods=[],
                shard_ids=[0])
     cfg["data"].update(root="cifar", unverified=True)
     cfg["certify"].update(n0=10, n=20, batch_size=20, shards=1, max_images=4)
@@ -32,6 +34,7 @@ def imports_config(repo) -> dict:
                              pretrained_noisy=[f"0.25={NOISY}"])
     cfg["denoiser"].update(pretrained=DDPM, pretrained_format="improved-diffusion",
                            pretrained_options=f'--flags "{SMALL_IMPROVED}"')
+    cfg["rrcm_finetune"].update(pretrained_noisy=[f"0.25={RRCM_FT}"], pretrained_options="--heads 2")
     return cfg
 
 
@@ -42,6 +45,8 @@ def imports_repo(tmp_path_factory):
     write_cohen(repo, CLEAN, seed=1)
     write_cohen(repo, NOISY, seed=2)
     _openai_file(repo / DDPM, SMALL_IMPROVED, "improved-diffusion")
+    (repo / RRCM_FT).parent.mkdir(parents=True)
+    torch.save(_reference_state(RRCM["finetuned"]["keys"]), repo / RRCM_FT)   # the authors' FinetuneModel layout
     (repo / "config/config.yaml").write_text(yaml.safe_dump(imports_config(repo), sort_keys=False))
     return repo
 
@@ -49,11 +54,11 @@ def imports_repo(tmp_path_factory):
 def test_imported_models_replace_training_in_both_dags(imports_repo):
     jobs = dry_run(imports_repo)
     rules = sorted(j.rule for j in jobs)
-    assert rules == ["certify", "certify", "import_classifier", "import_classifier", "import_denoiser",
-                     "prepare", "report"], rules
+    assert rules == ["certify", "certify", "certify", "import_classifier", "import_classifier", "import_denoiser",
+                     "import_rrcm_classifier", "prepare", "report"], rules   # no training, no rRCM pretraining
     sources = {j.outputs[0].rsplit("/", 1)[1]: set(j.inputs) for j in jobs if j.rule.startswith("import_")}
     assert CLEAN in sources["classifier_sigma_0.0.pt"] and NOISY in sources["classifier_sigma_0.25.pt"]
-    assert DDPM in sources["denoiser.pt"]
+    assert DDPM in sources["denoiser.pt"] and RRCM_FT in sources["rrcm_sigma_0.25.pt"]
     stages = {frozenset(s.outs): s for s in dvc_stages(imports_repo)}
     for job in jobs:
         stage = stages[frozenset(job.outputs)]
@@ -67,25 +72,34 @@ def test_imported_models_replace_training_in_both_dags(imports_repo):
     for job in jobs:
         if job.rule.startswith("import_"):
             parsed = parse_rcm(rcm_tokens(job.shell))
-            assert parsed.pretrained_format in ("cohen", "improved-diffusion")
+            assert getattr(parsed, "pretrained_format", "rrcm") in ("cohen", "improved-diffusion", "rrcm")
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"classifier": {"pretrained": "pretrained/absent.pth.tar"}}, "classifier.pretrained: 'pretrained/absent.pth.tar' does not exist"),
-    ({"denoiser": {"pretrained": CLEAN}}, f"denoiser.pretrained: '{CLEAN}' does not look like a improved-diffusion file"),
-    ({"denoiser": {"pretrained_options": "--flags '--image_size 48'"}}, "no channel_mult for --image_size 48"),
-    ({"classifier": {"pretrained_format": ""}}, "classifier.pretrained_format must say its format"),
-    ({"classifier": {"pretrained_noisy": ["0.5=x"]}}, "sigma 0.5 is not in sigmas"),
-    ({"classifier": {"pretrained_options": "--flags x"}}, "do not apply to format cohen"),
-])
-def test_a_bad_import_setting_fails_before_any_job(imports_repo, tmp_path, change, message):
+# each group of settings fails together: every message is in the one error (fewer Snakemake starts)
+BAD_SETTINGS = [
+    ({"classifier": {"pretrained": "pretrained/absent.pth.tar", "pretrained_noisy": ["0.5=x"]},
+      "denoiser": {"pretrained": CLEAN}, "rrcm_finetune": {"pretrained_noisy": [f"0.25={CLEAN}"]}},
+     ["classifier.pretrained: 'pretrained/absent.pth.tar' does not exist",
+      f"denoiser.pretrained: '{CLEAN}' does not look like a improved-diffusion file",
+      "classifier.pretrained_noisy.0: sigma 0.5 is not in sigmas",
+      "rrcm_finetune.pretrained_noisy (0.25): ", "does not look like a rrcm file"]),
+    ({"denoiser": {"pretrained_options": "--flags '--image_size 48'"}, "classifier": {"pretrained_format": ""}},
+     ["no channel_mult for --image_size 48", "classifier.pretrained_format must say its format"]),
+    ({"classifier": {"pretrained_options": "--flags x"}}, ["do not apply to format cohen"]),
+]
+
+
+@pytest.mark.parametrize("change,messages", BAD_SETTINGS)
+def test_a_bad_import_setting_fails_before_any_job(imports_repo, tmp_path, change, messages):
     cfg = imports_config(imports_repo)
     for section, values in change.items():
         cfg[section].update(values)
     other = tmp_path / "bad.yaml"
     other.write_text(yaml.safe_dump(cfg, sort_keys=False))
     r = snakemake(imports_repo, "-n", "--configfile", str(other))
-    assert r.returncode != 0 and message in r.stdout + r.stderr, tail(r)
+    assert r.returncode != 0, tail(r)
+    for message in messages:
+        assert message in r.stdout + r.stderr, (message, tail(r))
 
 
 @pytest.mark.slow
@@ -98,9 +112,10 @@ def test_imported_models_are_certified_and_a_replaced_file_reruns_only_its_depen
     models = imports_repo / "results/cifar10/models"
     assert load_model(models / "classifier_sigma_0.0.pt")[1]["origin"]["format"] == "cohen"
     assert load_model(models / "denoiser.pt")[1]["origin"]["format"] == "improved-diffusion"
+    assert load_model(models / "rrcm_sigma_0.25.pt")[1]["origin"]["details"]["kind"] == "fine-tuned classifier"
     report = paths.report_dir(imports_repo / "results", "cifar10") / "certified_accuracy.csv"
     text = report.read_text()
-    assert "gaussian_sigma_0.25" in text and "dds_sigma_0.25" in text
+    assert "gaussian_sigma_0.25" in text and "dds_sigma_0.25" in text and "rrcm_sigma_0.25" in text
     assert dry_run(imports_repo) == []
     write_cohen(imports_repo, CLEAN, seed=3)                      # a different clean classifier
     rerun = sorted((j.rule, j.outputs[0].rsplit("/", 2)[-2]) for j in dry_run(imports_repo))

@@ -53,6 +53,10 @@ class FinetuneOptions:
     eval_every: int = option(100, "steps between evaluations (0: only at the end)")
     eval_sigmas: list[float] = option([0.25, 0.5, 1.0], "pixel-space sigmas of the noisy validation accuracies")
     device: str = option("cpu", "torch device")
+    pretrained_noisy: list[str] = option([], "the rRCM authors' fine-tuned classifiers to import instead of "
+                                             "fine-tuning: SIGMA=PATH entries (format rrcm)")
+    pretrained_options: str = option("", "further rcm import-model options for them, one string "
+                                         "(e.g. '--head_norm false')")
 
 
 def consistency_weight(o: FinetuneOptions, sigma: float) -> float:
@@ -119,6 +123,12 @@ def add_arguments(p) -> None:
 
 def main(args) -> None:
     o = from_args(FinetuneOptions, args)
+    from rcm.importers.stage import import_instead, noisy_source
+
+    if import_instead(noisy_source(o.pretrained_noisy, args.sigma), "rrcm", o.pretrained_options,
+                      paths.rrcm_finetuned(args.results, args.dataset, args.sigma), "rrcm", args.dataset,
+                      args.results):
+        return
     pretrained = paths.rrcm_pretrained(args.results, args.dataset)
     train_split = load_split(paths.prepared(args.results, args.dataset, "train"))
     val_split = load_split(paths.prepared(args.results, args.dataset, "val"))

@@ -12,7 +12,7 @@ from snakemake.utils import update_config
 
 from rcm import paths
 from rcm.importers import check_source, is_placeholder
-from rcm.report import parse_baseline
+from rcm.paths import parse_baseline
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -100,7 +100,8 @@ def _path_errors(cfg: dict) -> list[str]:
                          "log: NAME=FILE, or FILE)")
     for section, sigma, source in pretrained_sources(cfg):
         sec = cfg[section]
-        fmt = sec["pretrained_format"] or ("diffusers" if section == "denoiser" and Path(source).is_dir() else "")
+        fmt = "rrcm" if section == "rrcm_finetune" else (
+            sec["pretrained_format"] or ("diffusers" if section == "denoiser" and Path(source).is_dir() else ""))
         where = f"{section}.pretrained" if sigma is None else f"{section}.pretrained_noisy ({sigma})"
         if not fmt:
             lines.append(f"{where}: '{source}' is set, so {section}.pretrained_format must say its format")
@@ -122,25 +123,43 @@ def pretrained_sources(cfg: dict) -> list[tuple[str, str | None, str]]:
         for entry in cfg["classifier"]["pretrained_noisy"]:
             sigma, _, source = entry.partition("=")
             out.append(("classifier", sigma, source))
-    if "rrcm" in methods and not is_placeholder(cfg["rrcm_pretrain"]["pretrained"]):
-        out.append(("rrcm_pretrain", None, cfg["rrcm_pretrain"]["pretrained"]))
+    if "rrcm" in methods:
+        for entry in cfg["rrcm_finetune"]["pretrained_noisy"]:
+            sigma, _, source = entry.partition("=")
+            out.append(("rrcm_finetune", sigma, source))
+        every_sigma_imported = {float(e.partition("=")[0]) for e in cfg["rrcm_finetune"]["pretrained_noisy"]
+                                if _is_number(e.partition("=")[0])} >= set(cfg["sigmas"])
+        if not is_placeholder(cfg["rrcm_pretrain"]["pretrained"]) and not every_sigma_imported:
+            out.append(("rrcm_pretrain", None, cfg["rrcm_pretrain"]["pretrained"]))
     return out
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def _noisy_errors(cfg: dict) -> list[str]:
+    return _noisy_list_errors(cfg, "classifier") + _noisy_list_errors(cfg, "rrcm_finetune")
+
+
+def _noisy_list_errors(cfg: dict, section: str) -> list[str]:
     lines, seen = [], set()
-    for i, entry in enumerate(cfg["classifier"]["pretrained_noisy"]):
+    for i, entry in enumerate(cfg[section]["pretrained_noisy"]):
         sigma, sep, source = entry.partition("=")
         try:
             s = float(sigma)
         except ValueError:
             s = None
         if not sep or not source or s is None:
-            lines.append(f"classifier.pretrained_noisy.{i}: '{entry}' is not SIGMA=PATH")
+            lines.append(f"{section}.pretrained_noisy.{i}: '{entry}' is not SIGMA=PATH")
         elif s not in cfg["sigmas"]:
-            lines.append(f"classifier.pretrained_noisy.{i}: sigma {sigma} is not in sigmas {cfg['sigmas']}")
+            lines.append(f"{section}.pretrained_noisy.{i}: sigma {sigma} is not in sigmas {cfg['sigmas']}")
         elif s in seen:
-            lines.append(f"classifier.pretrained_noisy.{i}: sigma {sigma} is listed twice")
+            lines.append(f"{section}.pretrained_noisy.{i}: sigma {sigma} is listed twice")
         seen.add(s)
     return lines
 
@@ -208,6 +227,8 @@ IMPORTED_CLASSIFIERS = {
     **{paths.fmt_sigma(e.partition("=")[0]): e.partition("=")[2] for e in config["classifier"]["pretrained_noisy"]},
 }
 IMPORTED_DENOISER = "" if is_placeholder(config["denoiser"]["pretrained"]) else config["denoiser"]["pretrained"]
+IMPORTED_RRCM_CLASSIFIERS = {paths.fmt_sigma(e.partition("=")[0]): e.partition("=")[2]
+                             for e in config["rrcm_finetune"]["pretrained_noisy"]}
 IMPORTED_RRCM = "" if is_placeholder(config["rrcm_pretrain"]["pretrained"]) else config["rrcm_pretrain"]["pretrained"]
 
 

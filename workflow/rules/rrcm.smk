@@ -68,3 +68,32 @@ rule finetune_rrcm:
     shell:
         "{RCM} --threads {threads} finetune-rrcm --dataset {params.dataset} --results {params.results}"
         " --sigma {wildcards.sigma} {params.flags} > {log} 2>&1"
+
+
+if IMPORTED_RRCM_CLASSIFIERS:
+    # rrcm_finetune.pretrained_noisy names the authors' fine-tuned classifiers: `rcm finetune-rrcm`
+    # imports them (no pretraining is needed for those sigmas)
+
+    ruleorder: import_rrcm_classifier > finetune_rrcm
+
+    rule import_rrcm_classifier:
+        input:
+            source=lambda wildcards: IMPORTED_RRCM_CLASSIFIERS[wildcards.sigma],
+            val=str(paths.prepared(R, D, "val")),
+            code=CODE["import_rrcm"],
+        output:
+            str(paths.rrcm_finetuned(R, D, "{sigma}")),
+        wildcard_constraints:
+            sigma="|".join(re.escape(s) for s in IMPORTED_RRCM_CLASSIFIERS),
+        params:
+            dataset=D,
+            results=R,
+            flags=flags(config["rrcm_finetune"]),
+        log:
+            log("import_rrcm_classifier", "sigma_{sigma}"),
+        benchmark:
+            bench("import_rrcm_classifier", "sigma_{sigma}")
+        threads: 1
+        shell:
+            "{RCM} --threads {threads} finetune-rrcm --dataset {params.dataset} --results {params.results}"
+            " --sigma {wildcards.sigma} {params.flags} > {log} 2>&1"
