@@ -26,8 +26,10 @@ install: $(BIN)/rcm
 run: install
 	$(BIN)/snakemake --cores $(CORES) $(if $(CONFIG),--configfile $(CONFIG))
 
+# Two worker processes, one test file each at a time (--dist loadfile keeps a file's shared fixtures,
+# e.g. the tiny run, in one process): the workflow and SLURM tests spend most of their time waiting.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not slurm"

@@ -79,3 +79,12 @@ def certificate(root: str | Path, dataset: str, method: str, sigma: float | str,
 
 def report_dir(root: str | Path, dataset: str) -> Path:
     return Path(root) / dataset / "report"
+
+
+def parse_baseline(item: str) -> tuple[str | None, Path]:
+    """A published certification log named in the report's baselines: 'NAME=FILE' -> (NAME, FILE);
+    a bare 'FILE' -> (None, FILE). A name holds no '/'."""
+    name, sep, path = item.partition("=")
+    if sep and name and path and "/" not in name:
+        return name, Path(path)
+    return None, Path(item)

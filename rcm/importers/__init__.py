@@ -18,11 +18,15 @@ import importlib
 import sys
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from rcm.checkpoint import load_weights, save_checkpoint
 from rcm.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and the readers are imported inside the functions: the workflow imports this module (for
+# is_placeholder and check_source) every time Snakemake parses the DAG, which must stay quick.
 
 # --format -> ("module:reader", the options it takes)
 FORMATS = {
@@ -64,6 +68,8 @@ def sha256(path: str | Path) -> str:
 
 def read_file(src: str | Path):
     """The unpickled file, tensors and plain containers only (never code)."""
+    from rcm.checkpoint import load_weights
+
     src = Path(src)
     if not src.is_file():
         raise CheckpointError(f"model file not found: {src}")
@@ -72,6 +78,8 @@ def read_file(src: str | Path):
 
 def read_state(src: str | Path) -> dict:
     """A file that is a state dict (name -> tensor), with a DataParallel ``module.`` prefix removed."""
+    import torch
+
     state = read_file(src)
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         kind = (f"a dict with keys {', '.join(list(map(str, state))[:5])}" if isinstance(state, dict)
@@ -106,6 +114,7 @@ def import_model(fmt: str, src: str | Path, out: str | Path, *, schedule: dict |
                  **options) -> tuple[torch.nn.Module, dict]:
     """Read ``src`` in format ``fmt``, write the rcm checkpoint ``out``; returns (model, origin).
     ``schedule``: the noise schedule of a diffusers folder that has no scheduler config."""
+    from rcm.checkpoint import save_checkpoint
     from rcm.models import ROLES, kind_of
 
     reader, accepted = _reader(fmt)
@@ -209,6 +218,8 @@ def check_source(source: str, fmt: str, options: str = "") -> list[str]:
         return []
     if not zipfile.is_zipfile(path):
         return []  # torch's legacy format cannot be opened lazily; the import job checks it
+    import torch
+
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - any failure here is the message

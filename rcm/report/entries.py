@@ -14,7 +14,7 @@ import pandas as pd
 
 from rcm.certificate import merge_shards
 from rcm.errors import CertificateError
-from rcm.paths import CASCADE, METHODS, SEQUENTIAL, fmt_sigma
+from rcm.paths import CASCADE, METHODS, SEQUENTIAL, fmt_sigma, parse_baseline  # noqa: F401 - re-exported
 
 _SHARD = re.compile(r"^shard_(\d+)-of-(\d+)\.tsv$")
 _MERGED = re.compile(r"^(.+)_sigma_(.+)\.tsv$")  # a merged '{method}_sigma_{s}.tsv', e.g. one a user concatenated
@@ -23,14 +23,6 @@ _MERGED = re.compile(r"^(.+)_sigma_(.+)\.tsv$")  # a merged '{method}_sigma_{s}.
 _STEM_SIGMA = re.compile(r"(?:sigma|certify_result)_(\d*\.?\d+)(?:_N\d+k?)?$")
 # an extension is a word ('.tsv', '.txt', '.log'); Cohen et al.'s 'sigma_0.25' has none, not '.25'
 _EXTENSION = re.compile(r"^\.[A-Za-z][A-Za-z0-9]*$")
-
-def parse_baseline(item: str) -> tuple[str | None, Path]:
-    """'NAME=FILE' -> (NAME, FILE); a bare 'FILE' -> (None, FILE). A name holds no '/'."""
-    name, sep, path = item.partition("=")
-    if sep and name and path and "/" not in name:
-        return name, Path(path)
-    return None, Path(item)
-
 
 @dataclasses.dataclass
 class Entry:
