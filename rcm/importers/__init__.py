@@ -138,6 +138,30 @@ def is_placeholder(source: str) -> bool:
     return source in ("", PLACEHOLDER) or Path(source) == Path(PLACEHOLDER)
 
 
+def denoiser_format(fmt: str, source: str) -> str:
+    """A denoiser's import format: the one given, else ``diffusers`` for a folder ('' for a file)."""
+    return fmt or ("diffusers" if Path(source).is_dir() else "")
+
+
+def parse_noisy_entry(entry: str) -> tuple[str, str]:
+    """A ``pretrained_noisy`` entry 'SIGMA=PATH' -> (canonical sigma text, PATH)."""
+    from rcm.paths import fmt_sigma
+
+    key, sep, path = entry.partition("=")
+    try:
+        if sep and path:
+            return fmt_sigma(key), path
+    except ValueError:
+        pass
+    raise ConfigError(f"'{entry}' is not SIGMA=PATH")
+
+
+def noisy_sources(entries: list[str]) -> dict[str, str]:
+    """``pretrained_noisy`` entries -> {canonical sigma text: PATH} (a later entry for a sigma wins;
+    the workflow's config check refuses repeats)."""
+    return dict(parse_noisy_entry(entry) for entry in entries)
+
+
 def parse_options(text: str, fmt: str) -> dict:
     """A stage's ``pretrained_options`` string (``rcm import-model`` flags) as import options."""
     import argparse

@@ -94,7 +94,7 @@ def read_timm(src, options: dict):
 
 
 def read_hf(src, options: dict):
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     from rcm.models.library import HFClassifier
 
@@ -102,7 +102,6 @@ def read_hf(src, options: dict):
     if not (src / "config.json").is_file():
         raise CheckpointError(f"{src} is not a transformers model folder (no config.json)")
     try:
-        config = AutoConfig.from_pretrained(src, local_files_only=True)
         original = AutoModelForImageClassification.from_pretrained(src, local_files_only=True, use_safetensors=None)
     except pickle.UnpicklingError:
         raise CheckpointError(f"{src} holds weights with Python objects besides tensors: refused before any of it "
@@ -110,6 +109,7 @@ def read_hf(src, options: dict):
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"transformers cannot load an image classifier from {src}: "
                               f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    config = original.config
     try:
         processor = AutoImageProcessor.from_pretrained(src, local_files_only=True)
     except (OSError, ValueError) as exc:

@@ -15,21 +15,6 @@ from rcm.errors import ConfigError
 from rcm.importers import import_for_stage, is_placeholder
 
 
-def noisy_source(entries: list[str], sigma: float) -> str:
-    """The source of the Gaussian baseline at ``sigma`` in ``SIGMA=PATH`` entries, or ''."""
-    found = ""
-    for entry in entries:
-        key, sep, path = entry.partition("=")
-        if not sep or not path:
-            raise ConfigError(f"pretrained_noisy: '{entry}' is not SIGMA=PATH")
-        try:
-            if paths.fmt_sigma(key) == paths.fmt_sigma(sigma):
-                found = path
-        except ValueError:
-            raise ConfigError(f"pretrained_noisy: '{key}' in '{entry}' is not a noise level") from None
-    return found
-
-
 def import_instead(source: str, fmt: str, options: str, out: Path, role: str, dataset: str, results: str,
                    schedule: dict | None = None) -> bool:
     """Import ``source`` to ``out`` when it names a model (then True), else do nothing (False)."""

@@ -153,9 +153,11 @@ def make_run(opts: ClassifierOptions, dataset: str, results: str, sigma: float) 
 
 def main(args) -> None:
     opts = from_args(ClassifierOptions, args)
-    from rcm.importers.stage import import_instead, noisy_source
+    from rcm.importers import noisy_sources
+    from rcm.importers.stage import import_instead
 
-    source = opts.pretrained if args.sigma == 0 else noisy_source(opts.pretrained_noisy, args.sigma)
+    source = (opts.pretrained if args.sigma == 0 else
+              noisy_sources(opts.pretrained_noisy).get(paths.fmt_sigma(args.sigma), ""))
     if import_instead(source, opts.pretrained_format, opts.pretrained_options,
                       paths.classifier(args.results, args.dataset, args.sigma), "classifier",
                       args.dataset, args.results):

@@ -124,11 +124,10 @@ def make_run(opts: DenoiserOptions, dataset: str, results: str) -> Run:
 
 def main(args) -> None:
     opts = from_args(DenoiserOptions, args)
-    from pathlib import Path
-
+    from rcm.importers import denoiser_format
     from rcm.importers.stage import import_instead
 
-    fmt = opts.pretrained_format or ("diffusers" if Path(opts.pretrained).is_dir() else "")
+    fmt = denoiser_format(opts.pretrained_format, opts.pretrained)
     out = paths.denoiser(args.results, args.dataset)
     if import_instead(opts.pretrained, fmt, opts.pretrained_options, out, "denoiser", args.dataset,
                       args.results, schedule=schedule(opts) if fmt == "diffusers" else None):

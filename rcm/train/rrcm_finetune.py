@@ -123,9 +123,11 @@ def add_arguments(p) -> None:
 
 def main(args) -> None:
     o = from_args(FinetuneOptions, args)
-    from rcm.importers.stage import import_instead, noisy_source
+    from rcm.importers import noisy_sources
+    from rcm.importers.stage import import_instead
 
-    if import_instead(noisy_source(o.pretrained_noisy, args.sigma), "rrcm", o.pretrained_options,
+    source = noisy_sources(o.pretrained_noisy).get(paths.fmt_sigma(args.sigma), "")
+    if import_instead(source, "rrcm", o.pretrained_options,
                       paths.rrcm_finetuned(args.results, args.dataset, args.sigma), "rrcm", args.dataset,
                       args.results):
         return

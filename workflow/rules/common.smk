@@ -11,7 +11,8 @@ import yaml
 from snakemake.utils import update_config
 
 from rcm import paths
-from rcm.importers import check_source, is_placeholder
+from rcm.importers import check_source, denoiser_format, is_placeholder, noisy_sources, parse_noisy_entry
+from rcm.errors import ConfigError as RcmConfigError
 from rcm.paths import parse_baseline
 
 
@@ -100,8 +101,12 @@ def _path_errors(cfg: dict) -> list[str]:
                          "log: NAME=FILE, or FILE)")
     for section, sigma, source in pretrained_sources(cfg):
         sec = cfg[section]
-        fmt = "rrcm" if section == "rrcm_finetune" else (
-            sec["pretrained_format"] or ("diffusers" if section == "denoiser" and Path(source).is_dir() else ""))
+        if section == "rrcm_finetune":  # only the authors' own fine-tuned classifiers
+            fmt = "rrcm"
+        elif section == "denoiser":
+            fmt = denoiser_format(sec["pretrained_format"], source)
+        else:
+            fmt = sec["pretrained_format"]
         where = f"{section}.pretrained" if sigma is None else f"{section}.pretrained_noisy ({sigma})"
         if not fmt:
             lines.append(f"{where}: '{source}' is set, so {section}.pretrained_format must say its format")
@@ -120,26 +125,28 @@ def pretrained_sources(cfg: dict) -> list[tuple[str, str | None, str]]:
     if {"dds", "mdds"} & methods and not is_placeholder(cfg["classifier"]["pretrained"]):
         out.append(("classifier", None, cfg["classifier"]["pretrained"]))
     if "gaussian" in methods:
-        for entry in cfg["classifier"]["pretrained_noisy"]:
-            sigma, _, source = entry.partition("=")
-            out.append(("classifier", sigma, source))
+        out += [("classifier", sigma, source) for sigma, source in _noisy(cfg, "classifier").items()]
     if "rrcm" in methods:
-        for entry in cfg["rrcm_finetune"]["pretrained_noisy"]:
-            sigma, _, source = entry.partition("=")
-            out.append(("rrcm_finetune", sigma, source))
-        every_sigma_imported = {float(e.partition("=")[0]) for e in cfg["rrcm_finetune"]["pretrained_noisy"]
-                                if _is_number(e.partition("=")[0])} >= set(cfg["sigmas"])
+        imported = _noisy(cfg, "rrcm_finetune")
+        out += [("rrcm_finetune", sigma, source) for sigma, source in imported.items()]
+        every_sigma_imported = set(imported) >= {paths.fmt_sigma(s) for s in cfg["sigmas"]}
         if not is_placeholder(cfg["rrcm_pretrain"]["pretrained"]) and not every_sigma_imported:
             out.append(("rrcm_pretrain", None, cfg["rrcm_pretrain"]["pretrained"]))
     return out
 
 
-def _is_number(text: str) -> bool:
+def _noisy(cfg: dict, section: str) -> dict[str, str]:
+    """A section's well-formed pretrained_noisy entries (the malformed ones are _noisy_errors')."""
+    entries = cfg[section]["pretrained_noisy"]
+    return noisy_sources([e for e in entries if not _entry_error(e)])
+
+
+def _entry_error(entry: str) -> str:
     try:
-        float(text)
-        return True
-    except ValueError:
-        return False
+        parse_noisy_entry(entry)
+        return ""
+    except RcmConfigError as exc:
+        return str(exc)
 
 
 def _noisy_errors(cfg: dict) -> list[str]:
@@ -148,19 +155,18 @@ def _noisy_errors(cfg: dict) -> list[str]:
 
 def _noisy_list_errors(cfg: dict, section: str) -> list[str]:
     lines, seen = [], set()
+    sigmas = {paths.fmt_sigma(s) for s in cfg["sigmas"]}
     for i, entry in enumerate(cfg[section]["pretrained_noisy"]):
-        sigma, sep, source = entry.partition("=")
-        try:
-            s = float(sigma)
-        except ValueError:
-            s = None
-        if not sep or not source or s is None:
-            lines.append(f"{section}.pretrained_noisy.{i}: '{entry}' is not SIGMA=PATH")
-        elif s not in cfg["sigmas"]:
-            lines.append(f"{section}.pretrained_noisy.{i}: sigma {sigma} is not in sigmas {cfg['sigmas']}")
-        elif s in seen:
-            lines.append(f"{section}.pretrained_noisy.{i}: sigma {sigma} is listed twice")
-        seen.add(s)
+        where = f"{section}.pretrained_noisy.{i}"
+        if _entry_error(entry):
+            lines.append(f"{where}: {_entry_error(entry)}")
+            continue
+        sigma = parse_noisy_entry(entry)[0]
+        if sigma not in sigmas:
+            lines.append(f"{where}: sigma {sigma} is not in sigmas {cfg['sigmas']}")
+        elif sigma in seen:
+            lines.append(f"{where}: sigma {sigma} is listed twice")
+        seen.add(sigma)
     return lines
 
 
@@ -224,11 +230,10 @@ BASELINE_FILES = [str(parse_baseline(item)[1]) for item in config["report"]["bas
 IMPORTED_CLASSIFIERS = {
     **({paths.fmt_sigma(0.0): config["classifier"]["pretrained"]}
        if not is_placeholder(config["classifier"]["pretrained"]) else {}),
-    **{paths.fmt_sigma(e.partition("=")[0]): e.partition("=")[2] for e in config["classifier"]["pretrained_noisy"]},
+    **noisy_sources(config["classifier"]["pretrained_noisy"]),
 }
 IMPORTED_DENOISER = "" if is_placeholder(config["denoiser"]["pretrained"]) else config["denoiser"]["pretrained"]
-IMPORTED_RRCM_CLASSIFIERS = {paths.fmt_sigma(e.partition("=")[0]): e.partition("=")[2]
-                             for e in config["rrcm_finetune"]["pretrained_noisy"]}
+IMPORTED_RRCM_CLASSIFIERS = noisy_sources(config["rrcm_finetune"]["pretrained_noisy"])
 IMPORTED_RRCM = "" if is_placeholder(config["rrcm_pretrain"]["pretrained"]) else config["rrcm_pretrain"]["pretrained"]
 
 
