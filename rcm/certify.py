@@ -24,19 +24,22 @@ from rcm.data import load_split
 from rcm.errors import ConfigError
 from rcm.flops import flops_per_sample
 from rcm.models.factory import METHODS, base_classifier, checkpoints
-from rcm.partial import PartialRows, file_stamp
 from rcm.options import add_options, add_stage_options, from_args, option, resolve_device
+from rcm.partial import PartialRows, file_stamp
+from rcm.precision import amp_dtype, warn_if_emulated, wrap
 from rcm.report import DEFAULT_RADII
 from rcm.smoothing import Smooth, noise_generator
 
 # batch_size is provenance: the noise of image idx is one stream keyed by (seed, method, sigma, idx),
 # drawn n0 then n samples at a time in batches of batch_size (on some devices the batching shifts it)
-EXTRA_COLUMNS = ("sigma", "n0", "n", "alpha", "count_a", "p_a_lower", "seed", "batch_size", "flops", "samples")
+# amp: the precision the base classifier ran in (rcm.precision); the certificate is about that function
+EXTRA_COLUMNS = ("sigma", "n0", "n", "alpha", "count_a", "p_a_lower", "seed", "batch_size", "flops", "samples",
+                 "amp")
 # --sequential: n is n_max, samples the draws used (n0 + estimation), radii the targets it stopped on
 SEQUENTIAL_COLUMNS = EXTRA_COLUMNS + ("sequential", "radii")
 # alpha_guaranteed: the level the union bound guarantees (alpha unless the split is 'harmonic')
 CASCADE_COLUMNS = ("sigma", "stage", "n0", "n", "alpha", "alpha_split", "alpha_guaranteed", "p0", "count_a",
-                   "p_a_lower", "seed", "batch_size", "flops")
+                   "p_a_lower", "seed", "batch_size", "flops", "amp")
 
 
 @dataclass
@@ -47,6 +50,12 @@ class CertifyOptions:
     n: int = option(1000, "estimation draws per image")
     alpha: float = option(0.001, "failure probability of each certificate")
     batch_size: int = option(1000, "noise draws per forward pass")
+    batch_sizes: list[str] = option([], "per-method batch sizes overriding batch_size, METHOD=N entries "
+                                        "(a 550M-parameter denoiser takes far fewer draws per pass than a ResNet)")
+    amp: str = option("off", "off | bf16 | fp16: autocast around the base classifier only; the noise is drawn "
+                             "and added in float32 (docs/methods.md, 'Mixed precision')")
+    channels_last: bool = option(False, "run the base classifier's convolutions in channels-last layout")
+    compile: bool = option(False, "torch.compile the base classifier (compiles once per shard job)")
     skip: int = option(1, "certify every skip-th test image")
     max_images: int = option(0, "at most this many images (0: all)")
     seed: int = option(0, "noise seed; image idx uses (seed, method, sigma, idx)")
@@ -90,8 +99,29 @@ def validate(method: str, sigma: str, shard: int, o: CertifyOptions, sigmas: lis
         raise ConfigError(f"alpha must be in (0, 1), got {o.alpha}")
     if o.batch_size < 1 or o.skip < 1 or o.max_images < 0:
         raise ConfigError("batch_size and skip must be >= 1 and max_images >= 0")
+    batch_sizes(o)
+    amp_dtype(o.amp)
     if not 0 <= shard < o.shards:
         raise ConfigError(f"--shard must be in [0, {o.shards}), got {shard}")
+
+
+def batch_sizes(o: CertifyOptions) -> dict[str, int]:
+    """``o.batch_sizes`` as {method: batch size}; ConfigError names a malformed entry."""
+    out = {}
+    for entry in o.batch_sizes:
+        method, _, value = entry.partition("=")
+        if method not in METHODS or not value.isdigit() or int(value) < 1:
+            raise ConfigError(f"batch_sizes entry '{entry}': expected METHOD=N with METHOD one of "
+                              f"{', '.join(METHODS)} and N >= 1")
+        if method in out:
+            raise ConfigError(f"batch_sizes names '{method}' twice")
+        out[method] = int(value)
+    return out
+
+
+def batch_size_of(method: str, o: CertifyOptions) -> int:
+    """The batch size ``method`` certifies with: its batch_sizes entry, else batch_size."""
+    return batch_sizes(o).get(method, o.batch_size)
 
 
 def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard: int,
@@ -117,6 +147,9 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
                for s in (sigmas if cascade else [float(sigma)])]
     example = split.float_images(rows[:1])[0].to(device) if len(rows) else None
     flops = [flops_per_sample(m, example) for _, m in members] if example is not None else [0.0]
+    warn_if_emulated(o.amp, device, "certify")
+    members = [(s, wrap(m, o.amp, o.channels_last, o.compile)) for s, m in members]
+    batch_size = batch_size_of(method, o)
     out = paths.certificate(results, dataset, method, sigma, shard, o.shards, sequential=sequential)
 
     smooth = None if cascade else Smooth(members[0][1], split.num_classes, members[0][0])
@@ -141,7 +174,7 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
         start = time.perf_counter()
         if cascade:
             gens = [noise_generator(o.seed, method, s, idx, device) for s, _ in members]
-            r = certify_cascade(members, x, split.num_classes, o.n0, o.n, o.alpha, o.batch_size, p0, gens,
+            r = certify_cascade(members, x, split.num_classes, o.n0, o.n, o.alpha, batch_size, p0, gens,
                                 alpha_split)
             prediction, radius = r.prediction, r.radius
             stages = (r.stage or len(members))
@@ -153,7 +186,7 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
             gen = noise_generator(o.seed, method, sigma, idx, device)
             try:
                 prediction, radius, count_a, p_a, used = smooth.certify_sequential_with_details(
-                    x, o.n0, o.n, o.alpha, o.batch_size, radii, gen)
+                    x, o.n0, o.n, o.alpha, batch_size, radii, gen)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
             extra = dict(sigma=members[0][0], count_a=count_a, p_a_lower=p_a, samples=used,
@@ -161,13 +194,13 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
         else:
             gen = noise_generator(o.seed, method, sigma, idx, device)
             prediction, radius, count_a, p_a = smooth.certify_with_details(x, o.n0, o.n, o.alpha,
-                                                                         o.batch_size, gen)
+                                                                         batch_size, gen)
             extra = dict(sigma=members[0][0], count_a=count_a, p_a_lower=p_a, samples=o.n0 + o.n,
                          flops=flops[0] * (o.n0 + o.n))
         elapsed = time.perf_counter() - start
         records.append(dict(idx=idx, label=label, predict=prediction, radius=radius,
                             correct=int(prediction == label), time=elapsed,
-                            n0=o.n0, n=o.n, alpha=o.alpha, seed=o.seed, batch_size=o.batch_size, **extra))
+                            n0=o.n0, n=o.n, alpha=o.alpha, seed=o.seed, batch_size=batch_size, amp=o.amp, **extra))
         partial.append(records[-1])
     bar.close()
     finished = False

@@ -145,6 +145,11 @@ def test_a_partial_file_of_other_settings_is_not_resumed(digits_results, stub_mo
     (["--method", "rrcm", "--sigma", "0.25", "--alpha", "0"], "alpha must be in (0, 1)"),
     (["--method", "rrcm", "--sigma", "0.25", "--shard", "2", "--shards", "2"], "--shard must be in [0, 2)"),
     (["--method", "mdds", "--sigma", "cascade"], "a cascade needs --sigmas"),
+    (["--method", "rrcm", "--sigma", "0.25", "--amp", "fp8"], "amp must be one of off, bf16, fp16, got 'fp8'"),
+    (["--method", "rrcm", "--sigma", "0.25", "--batch_sizes", "dds:10"], "batch_sizes entry 'dds:10'"),
+    (["--method", "rrcm", "--sigma", "0.25", "--batch_sizes", "ddpm=10"], "batch_sizes entry 'ddpm=10'"),
+    (["--method", "rrcm", "--sigma", "0.25", "--batch_sizes", "dds=0"], "batch_sizes entry 'dds=0'"),
+    (["--method", "rrcm", "--sigma", "0.25", "--batch_sizes", "dds=5", "dds=6"], "batch_sizes names 'dds' twice"),
 ])
 def test_bad_inputs_give_clear_errors(digits_results, argv, message, capsys):
     assert cli(["certify", "--results", str(digits_results), *argv]) == 2

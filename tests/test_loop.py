@@ -99,3 +99,101 @@ def test_batches_and_step_seeds_depend_on_the_step_alone():
     epoch = torch.cat([batch_rows(40, 8, k, seed=3) for k in range(5)])
     assert sorted(epoch.tolist()) == list(range(40))  # one epoch covers every row once
     assert len({step_seed(0, k) for k in range(1000)}) == 1000
+
+
+def _amp_run(out, amp: str, steps: int = 4, loss_scale: float = 1.0) -> Run:
+    """A small convolutional run (autocast lowers convolutions and linear layers) trained under ``amp``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 8 * 8, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x_all = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def loss_fn(step: int, g: torch.Generator):
+        rows = batch_rows(16, 8, step, seed=0)
+        logits = model(x_all[rows])
+        seen.append(logits.dtype)
+        return F.cross_entropy(logits, DATA_Y[rows]) * loss_scale, {}
+
+    run = Run(out=out, kind="classifier", model=model, model_config={"toy": True}, config={}, optimizer=opt,
+              loss_fn=loss_fn, steps=steps, seed=0, checkpoint_every=2, eval_every=2,
+              eval_fn=lambda m: {"acc": 0.0}, grad_clip=1.0, desc="amp", amp=amp)
+    run.seen = seen
+    return run
+
+
+@pytest.mark.parametrize("amp, dtype", [("off", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_amp_runs_the_forward_pass_in_its_dtype_and_keeps_float32_weights(tmp_path, amp, dtype):
+    run = _amp_run(tmp_path / "m.pt", amp)
+    train(run)
+    assert set(run.seen) == {dtype}                       # the forward pass ran in the asked precision
+    payload = load_checkpoint(tmp_path / "m.pt")
+    assert payload["amp"] == amp
+    assert all(t.dtype in (torch.float32, torch.int64) for t in payload["model"].values())
+    first = dict(_amp_run(tmp_path / "ref.pt", amp).model.state_dict())
+    assert any(not torch.equal(first[k], v) for k, v in payload["model"].items())  # it did train
+
+
+def test_fp16_overflowing_steps_are_skipped_counted_and_resumed(tmp_path):
+    """A loss scaled by 100 overflows fp16's gradients (max 65504) once multiplied by GradScaler's
+    initial 2**16: such a step is skipped and the scale halved, until the gradients fit. Every skip is
+    counted, the optimiser stepped only on the others, and the count is logged and survives resume."""
+    out = tmp_path / "fp16.pt"
+    train(_amp_run(out, "fp16", steps=10, loss_scale=100.0))
+    payload = load_checkpoint(out)
+    skipped = payload["skipped_steps"]
+    assert 1 <= skipped < 10
+    assert payload["scaler"]["scale"] == 2.0 ** 16 / 2 ** skipped     # halved once per skipped step
+    assert payload["optimizer"]["state"][0]["step"] == 10 - skipped   # Adam stepped on the others only
+    rows = [json.loads(line) for line in metrics_path(out).read_text().splitlines()]
+    counts = [r["skipped_steps"] for r in rows]
+    assert counts == sorted(counts) and counts[-1] == skipped
+
+    parts = tmp_path / "parts.pt"
+
+    class Stop(Exception):
+        pass
+
+    run = _amp_run(parts, "fp16", steps=10, loss_scale=100.0)
+    inner = run.loss_fn
+
+    def dies_at_5(step, g):
+        if step == 5:
+            raise Stop
+        return inner(step, g)
+
+    run.loss_fn = dies_at_5
+    with pytest.raises(Stop):
+        train(run)
+    assert load_checkpoint(resume_path(parts))["skipped_steps"] == counts[1]   # the state at step 4
+    train(_amp_run(parts, "fp16", steps=10, loss_scale=100.0))
+    resumed = load_checkpoint(parts)
+    assert resumed["skipped_steps"] == skipped and resumed["scaler"] == payload["scaler"]
+    for name, value in payload["model"].items():
+        assert torch.equal(value, resumed["model"][name]), name
+
+
+def test_resuming_under_another_amp_is_refused(tmp_path):
+    out = tmp_path / "m.pt"
+    run = _amp_run(out, "bf16", steps=4)
+    inner = run.loss_fn
+
+    def dies_at_3(step, g):
+        if step == 3:
+            raise Interrupt(step)
+        return inner(step, g)
+
+    run.loss_fn = dies_at_3
+    with pytest.raises(Interrupt):
+        train(run)
+    with pytest.raises(TrainingError, match="amp=bf16"):
+        train(_amp_run(out, "off", steps=4))
+    assert resume_path(out).exists()                      # nothing lost
+
+
+def test_unknown_amp_is_a_config_error(tmp_path):
+    from rcm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="amp must be one of off, bf16, fp16"):
+        train(_amp_run(tmp_path / "m.pt", "fp8"))

@@ -99,18 +99,19 @@ def to_latex(table: pd.DataFrame, radii) -> str:
 def cost_markdown(table: pd.DataFrame) -> str:
     def fmt(value, spec):
         return "" if pd.isna(value) else format(value, spec)
-    lines = ["| name | images | seconds / image | noise draws / image | fewer draws than fixed n "
+    lines = ["| name | amp | images | seconds / image | noise draws / image | fewer draws than fixed n "
              "| FLOPs / image | samples / s | total seconds |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for _, r in table.iterrows():
         saving = "" if pd.isna(r["draws_saving"]) else f"{r['draws_saving']:.1f}×"
-        lines.append(f"| {r['name']} | {r['images']} | {fmt(r['seconds_per_image'], '.4g')} | "
+        lines.append(f"| {r['name']} | {r['amp']} | {r['images']} | {fmt(r['seconds_per_image'], '.4g')} | "
                      f"{fmt(r['draws_per_image'], '.6g')} | {saving} | {fmt(r['flops_per_image'], '.4g')} | "
                      f"{fmt(r['samples_per_second'], '.4g')} | {fmt(r['total_seconds'], '.6g')} |")
     note = ("\nSeconds come from each certificate's `time` column (measured on the machine that "
             "certified it; published logs ran elsewhere). FLOPs only where the certificate has a "
             "`flops` column. Sequential entries (`*_sequential`) stop each image's sampling early; "
-            "their saving is n0 + n_max over their mean draws per image.\n")
+            "their saving is n0 + n_max over their mean draws per image. `amp` is the precision the "
+            "base classifier ran in (off: float32; published logs: off).\n")
     return "\n".join(lines) + "\n" + note
 
 def _sha256(path: Path) -> str:

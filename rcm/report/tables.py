@@ -137,7 +137,8 @@ def metrics(table: pd.DataFrame, radii) -> dict:
 
 def cost(entries: Sequence[Entry]) -> pd.DataFrame:
     """Per entry: mean seconds and FLOPs per certified image (FLOPs from a 'flops' column, else empty),
-    and noise samples per second where the certificate records n0 and n."""
+    noise samples per second where the certificate records n0 and n, and the base classifier's
+    precision from an 'amp' column ('off' where a certificate has none: float32)."""
     rows = []
     for e in entries:
         f = e.frame
@@ -152,7 +153,8 @@ def cost(entries: Sequence[Entry]) -> pd.DataFrame:
         saving = (float((f["n0"] + f["n"]).mean()) / mean_draws
                   if "sequential" in f.columns and {"n0", "n"} <= set(f.columns) and mean_draws > 0
                   else math.nan)
-        rows.append({"name": e.name, "method": e.method,
+        amp = (" ".join(sorted(set(f["amp"].fillna("off").astype(str)))) if "amp" in f.columns else "off")
+        rows.append({"name": e.name, "method": e.method, "amp": amp,
                      "sigma": None if e.sigma is None else fmt_sigma(e.sigma),
                      "images": len(f), "seconds_per_image": float(f["time"].mean()),
                      "total_seconds": float(f["time"].sum()), "flops_per_image": flops,

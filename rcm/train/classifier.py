@@ -48,6 +48,8 @@ class ClassifierOptions:
     eval_every: int = option(200, "evaluate every this many steps (and at the end)")
     checkpoint_every: int = option(200, "write resume state every this many steps")
     device: str = option("cpu", "torch device ('cpu', 'cuda', 'cuda:1', ...)")
+    amp: str = option("off", "off | bf16 | fp16: autocast for the forward pass and loss (fp16 with loss "
+                             "scaling; skipped steps are logged)")
     pretrained: str = option("", f"the clean classifier (sigma 0) to import instead of training "
                                  f"('' or {PLACEHOLDER}: train)")
     pretrained_format: str = option("", "its rcm import-model --format: cohen, timm or hf")
@@ -148,7 +150,7 @@ def make_run(opts: ClassifierOptions, dataset: str, results: str, sigma: float) 
                model_config=model.config, config=config, optimizer=optimizer, loss_fn=loss_fn,
                steps=opts.steps, seed=opts.seed, checkpoint_every=opts.checkpoint_every,
                eval_every=opts.eval_every, eval_fn=eval_fn, scheduler=scheduler,
-               desc=f"classifier sigma={paths.fmt_sigma(sigma)}")
+               desc=f"classifier sigma={paths.fmt_sigma(sigma)}", amp=opts.amp)
 
 
 def main(args) -> None:

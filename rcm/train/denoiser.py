@@ -47,6 +47,8 @@ class DenoiserOptions:
     eval_every: int = option(500, "evaluate every this many steps (and at the end)")
     checkpoint_every: int = option(500, "write resume state every this many steps")
     device: str = option("cpu", "torch device ('cpu', 'cuda', ...)")
+    amp: str = option("off", "off | bf16 | fp16: autocast for the forward pass and loss (fp16 with loss "
+                             "scaling; skipped steps are logged)")
     pretrained: str = option("", f"a denoiser to import instead of training ('' or {PLACEHOLDER}: train), "
                                  "then fine-tuned by finetune-denoiser for mdds; a diffusers folder's "
                                  "scheduler config (if any) overrides the schedule options")
@@ -119,7 +121,7 @@ def make_run(opts: DenoiserOptions, dataset: str, results: str) -> Run:
                steps=opts.steps, seed=opts.seed, checkpoint_every=opts.checkpoint_every,
                eval_every=opts.eval_every, eval_fn=eval_fn, scheduler=scheduler,
                grad_clip=opts.grad_clip or None, ema=ema, ema_decay=lambda step: opts.ema_decay,
-               desc="denoiser")
+               desc="denoiser", amp=opts.amp)
 
 
 def main(args) -> None:

@@ -9,6 +9,11 @@ Files, for a final checkpoint ``out``:
 - ``out`` + ``.resume``     the last good state, every ``checkpoint_every`` steps; deleted at the end.
   Workflow engines delete a job's declared outputs before rerunning it, so resume state must not be one;
 - ``out`` stem + ``.metrics.jsonl``  per-evaluation metrics (loss, clean and noisy accuracy).
+
+Mixed precision (``Run.amp``, rcm.precision): the forward pass and the loss run under autocast, the
+backward and the optimiser step in float32 weights. fp16 scales the loss with a ``GradScaler``; a
+step whose gradients overflow is skipped (the weights stay, the schedule moves on), counted, and
+logged as ``skipped_steps``. The scaler's state is part of the resume state.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,6 +33,7 @@ from tqdm import tqdm
 from rcm.atomic import write_text
 from rcm.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from rcm.errors import TrainingError
+from rcm.precision import amp_dtype, autocast, warn_if_emulated
 
 LossFn = Callable[[int, torch.Generator], tuple[torch.Tensor, dict]]
 
@@ -78,18 +85,56 @@ class Run:
     extra_modules: dict[str, nn.Module] = field(default_factory=dict)  # saved and resumed too
     evaluate_ema: bool = True                         # evaluate the EMA weights when there are any
     desc: str = "train"
+    amp: str = "off"                                  # 'off' | 'bf16' | 'fp16' (rcm.precision)
 
 
-def _state(run: Run, step: int, metrics: list[dict]) -> dict:
+class _Precision:
+    """Autocast and (for fp16) loss scaling of one run, with its count of skipped steps."""
+
+    def __init__(self, run: Run):
+        amp_dtype(run.amp)
+        self.amp = run.amp
+        self.device = next(run.model.parameters()).device
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=run.amp == "fp16")
+        self.skipped = 0
+
+    def state(self) -> dict:
+        return dict(scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                    skipped_steps=self.skipped)
+
+    def restore(self, payload: dict) -> None:
+        if self.scaler.is_enabled() and payload.get("scaler"):
+            self.scaler.load_state_dict(payload["scaler"])
+        self.skipped = int(payload.get("skipped_steps") or 0)
+
+    def step(self, run: Run, loss: torch.Tensor) -> None:
+        """Backward and optimiser step; an fp16 step with non-finite gradients is skipped and counted."""
+        self.scaler.scale(loss).backward()
+        if run.grad_clip:
+            self.scaler.unscale_(run.optimizer)
+            nn.utils.clip_grad_norm_(run.model.parameters(), run.grad_clip)
+        before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.step(run.optimizer)
+        self.scaler.update()
+        if before is not None and self.scaler.get_scale() < before:  # the scaler backs off only on overflow
+            self.skipped += 1
+
+
+def _state(run: Run, step: int, metrics: list[dict], precision: _Precision) -> dict:
     return dict(kind=run.kind, model_config=run.model_config, model_state=run.model.state_dict(),
                 step=step, config=run.config, optimizer=run.optimizer.state_dict(),
                 scheduler=run.scheduler.state_dict() if run.scheduler else None,
                 ema=run.ema.state_dict() if run.ema is not None else None,
-                extra={k: m.state_dict() for k, m in run.extra_modules.items()}, metrics=metrics)
+                extra={k: m.state_dict() for k, m in run.extra_modules.items()}, metrics=metrics,
+                amp=run.amp, **precision.state())
 
 
-def _restore(run: Run, path: Path) -> tuple[int, list[dict]]:
+def _restore(run: Run, path: Path, precision: _Precision) -> tuple[int, list[dict]]:
     payload = load_checkpoint(path, kind=run.kind)
+    if payload.get("amp", "off") != run.amp:
+        raise TrainingError(f"{path} was written by a run with amp={payload.get('amp', 'off')}, this run has "
+                            f"amp={run.amp}: resume with the same amp, or delete {path} to start over")
+    precision.restore(payload)
     load_state_strict(run.model, payload["model"], path)
     run.optimizer.load_state_dict(payload["optimizer"])
     if run.scheduler and payload.get("scheduler"):
@@ -113,55 +158,64 @@ def train(run: Run) -> list[dict]:
     """Run (or resume) training to ``run.steps`` and write the final checkpoint; return the metrics."""
     out = Path(run.out)
     resume = resume_path(out)
-    step, metrics = (_restore(run, resume) if resume.exists() else (0, []))
+    precision = _Precision(run)
+    warn_if_emulated(run.amp, precision.device, run.desc)
+    step, metrics = (_restore(run, resume, precision) if resume.exists() else (0, []))
     if step:
         print(f"{run.desc}: resuming from {resume} at step {step}", file=sys.stderr)
     bar = tqdm(total=run.steps, initial=step, desc=run.desc, unit="step", dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 10.0, file=sys.stderr)
     run.model.train()
     try:
-        step, metrics, logs = _steps(run, step, metrics, bar, resume)
+        with warnings.catch_warnings():
+            # a skipped fp16 step makes the scheduler step before the optimiser: intended, see above
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            step, metrics, logs = _steps(run, step, metrics, bar, resume, precision)
     finally:
         bar.close()
     if run.eval_fn and not metrics:
-        metrics.append(_evaluate(run, step, float("nan"), logs, metrics))
-    save_checkpoint(out, **_state(run, step, metrics))
+        metrics.append(_evaluate(run, step, float("nan"), logs, metrics, precision))
+    save_checkpoint(out, **_state(run, step, metrics, precision))
     resume.unlink(missing_ok=True)
     return metrics
 
 
-def _steps(run: Run, step: int, metrics: list[dict], bar, resume: Path) -> tuple[int, list[dict], dict]:
+def _steps(run: Run, step: int, metrics: list[dict], bar, resume: Path,
+           precision: _Precision) -> tuple[int, list[dict], dict]:
     logs: dict = {}
     while step < run.steps:
         s = step_seed(run.seed, step)
         torch.manual_seed(s)
-        loss, logs = run.loss_fn(step, torch.Generator().manual_seed(s))
+        with autocast(run.amp, precision.device):
+            loss, logs = run.loss_fn(step, torch.Generator().manual_seed(s))
+        loss = loss.float()
         if not torch.isfinite(loss):
             raise TrainingError(f"{run.desc}: loss is {loss.item()} at step {step}; stopped. The last good "
                                 f"state is kept in {resume if resume.exists() else '(none yet)'}")
         run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if run.grad_clip:
-            nn.utils.clip_grad_norm_(run.model.parameters(), run.grad_clip)
-        run.optimizer.step()
+        precision.step(run, loss)
         if run.scheduler:
             run.scheduler.step()
         if run.ema is not None:
             ema_update(run.ema, run.model, run.ema_decay(step))
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        bar.set_postfix(loss=f"{loss.item():.4f}", **({"skipped": precision.skipped} if run.amp == "fp16" else {}),
+                        refresh=False)
         if run.eval_fn and run.eval_every and (step % run.eval_every == 0 or step == run.steps):
-            metrics.append(_evaluate(run, step, loss.item(), logs, metrics))
+            metrics.append(_evaluate(run, step, loss.item(), logs, metrics, precision))
         if step % run.checkpoint_every == 0 and step < run.steps:
-            save_checkpoint(resume, **_state(run, step, metrics))
+            save_checkpoint(resume, **_state(run, step, metrics, precision))
     return step, metrics, logs
 
 
-def _evaluate(run: Run, step: int, loss: float, logs: dict, history: list[dict]) -> dict:
+def _evaluate(run: Run, step: int, loss: float, logs: dict, history: list[dict], precision: _Precision) -> dict:
+    """Metrics of the current weights, evaluated in float32 whatever ``amp`` trains in."""
     model = run.ema if run.ema is not None and run.evaluate_ema else run.model
     model.eval()
     row = {"step": step, "loss": loss, **{k: float(v) for k, v in logs.items()}, **run.eval_fn(model)}
+    if run.amp == "fp16":
+        row["skipped_steps"] = precision.skipped
     run.model.train()
     row = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
     text = "".join(json.dumps(r) + "\n" for r in [*history, row])

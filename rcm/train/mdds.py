@@ -50,6 +50,8 @@ class FinetuneDenoiserOptions:
     eval_every: int = option(200, "evaluate every this many steps (and at the end)")
     checkpoint_every: int = option(200, "write resume state every this many steps")
     device: str = option("cpu", "torch device ('cpu', 'cuda', ...)")
+    amp: str = option("off", "off | bf16 | fp16: autocast for the forward pass and loss (fp16 with loss "
+                             "scaling; skipped steps are logged)")
 
 
 def add_arguments(p) -> None:
@@ -147,7 +149,7 @@ def make_run(opts: FinetuneDenoiserOptions, dataset: str, results: str) -> Run:
                model_config=denoiser.config, config=config, optimizer=optimizer, loss_fn=loss_fn,
                steps=opts.steps, seed=opts.seed, checkpoint_every=opts.checkpoint_every,
                eval_every=opts.eval_every, eval_fn=eval_fn, grad_clip=opts.grad_clip or None,
-               desc="finetune-denoiser")
+               desc="finetune-denoiser", amp=opts.amp)
 
 
 def main(args) -> None:

@@ -53,6 +53,8 @@ class FinetuneOptions:
     eval_every: int = option(100, "steps between evaluations (0: only at the end)")
     eval_sigmas: list[float] = option([0.25, 0.5, 1.0], "pixel-space sigmas of the noisy validation accuracies")
     device: str = option("cpu", "torch device")
+    amp: str = option("off", "off | bf16 | fp16: autocast for the forward pass and loss (fp16 with loss "
+                             "scaling; skipped steps are logged)")
     pretrained_noisy: list[str] = option([], "the rRCM authors' fine-tuned classifiers to import instead of "
                                              "fine-tuning: SIGMA=PATH entries (format rrcm)")
     pretrained_options: str = option("", "further rcm import-model options for them, one string "
@@ -113,7 +115,7 @@ def build_run(o: FinetuneOptions, sigma: float, pretrained: Path, train_split: S
                optimizer=optimizer, loss_fn=loss_fn, steps=o.steps, seed=o.seed,
                checkpoint_every=o.checkpoint_every, eval_every=o.eval_every, eval_fn=eval_fn,
                scheduler=warmup_cosine(optimizer, o.warmup, o.steps), grad_clip=o.grad_clip or None,
-               desc=f"finetune-rrcm sigma={sigma}")
+               desc=f"finetune-rrcm sigma={sigma}", amp=o.amp)
 
 
 def add_arguments(p) -> None:

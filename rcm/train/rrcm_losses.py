@@ -28,8 +28,9 @@ class InfoNCE(nn.Module):
         return F.normalize(q.flatten(1), dim=1) @ F.normalize(k.flatten(1), dim=1).T / self.temperature
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        logits = self.logits(q.float(), k.float())
-        return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
+        with torch.autocast(q.device.type, enabled=False):  # similarities / tau in float32 under any amp
+            logits = self.logits(q.float(), k.float())
+            return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
 
 
 class ContrastiveLoss(nn.Module):

@@ -80,6 +80,8 @@ class PretrainOptions:
     knn_k: int = option(20, "neighbours of the k-NN evaluation")
     knn_bank: int = option(0, "training images in the k-NN memory bank, evenly spaced (0: all)")
     device: str = option("cpu", "torch device")
+    amp: str = option("off", "off | bf16 | fp16: autocast for the forward pass and loss (fp16 with loss "
+                             "scaling; skipped steps are logged)")
     pretrained: str = option("", f"the rRCM authors' pretrained network (nnet.pth) to import instead of "
                                  f"pretraining ('' or {PLACEHOLDER}: train); finetune-rrcm then fine-tunes it")
     pretrained_format: str = option("", "its rcm import-model --format: rrcm")
@@ -256,7 +258,7 @@ def build_run(o: PretrainOptions, train_split: Split, val_split: Split | None, o
                scheduler=warmup_cosine(optimizer, o.warmup, o.steps), grad_clip=o.grad_clip or None,
                ema=target, ema_decay=lambda k: target_decay(k, o.steps, o.ema_start, o.ema_end,
                                                             o.ema_sharpness),
-               evaluate_ema=False, desc="pretrain-rrcm")
+               evaluate_ema=False, desc="pretrain-rrcm", amp=o.amp)
 
 
 # ----------------------------------------------------------------------------- CLI

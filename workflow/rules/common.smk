@@ -62,6 +62,14 @@ def _semantic_errors(cfg: dict) -> list[str]:
     if cfg["shard_ids"] != list(range(shards)):
         lines.append(f"shard_ids: must list 0 .. certify.shards - 1 = {list(range(shards))} "
                      f"(dvc.yaml iterates over it), got {cfg['shard_ids']}")
+    named = set()
+    for i, entry in enumerate(cfg["certify"]["batch_sizes"]):
+        method = entry.partition("=")[0]
+        if method not in paths.METHODS:
+            lines.append(f"certify.batch_sizes.{i}: '{entry}' names no method (known: {', '.join(paths.METHODS)})")
+        elif method in named:
+            lines.append(f"certify.batch_sizes.{i}: '{method}' is given a batch size twice")
+        named.add(method)
     seen = set()
     for i, c in enumerate(cfg["cascades"]):
         if c["method"] not in cfg["methods"]:
@@ -209,6 +217,9 @@ def validate_config(cfg: dict, schema_file: Path, overrides: dict) -> None:
     reading the overrides' strings as the schema types them first."""
     schema = yaml.safe_load(Path(schema_file).read_text())
     update_config(cfg, typed_overrides(overrides, schema, schema))
+    for section in cfg.values():  # `amp: off` unquoted is YAML 1.1's false (DVC's YAML 1.2 reads 'off')
+        if isinstance(section, dict) and section.get("amp") is False:
+            section["amp"] = "off"
     errors = _schema_errors(cfg, schema)
     if not errors:
         errors = _semantic_errors(cfg)

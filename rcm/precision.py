@@ -1,0 +1,101 @@
+"""Mixed precision: the ``amp`` option of every training stage and of certification.
+
+- ``off``: float32 throughout.
+- ``bf16`` / ``fp16``: ``torch.autocast`` with that dtype. In training it wraps the forward pass
+  and the loss (not the backward); fp16 adds a ``GradScaler`` whose skipped steps are counted.
+  In certification it wraps the base classifier only (``Autocast``): noise is drawn and added
+  to the image in float32 by ``rcm.smoothing.Smooth``, and the logits come back as float32.
+
+Why a certificate stays valid under ``amp`` (docs/methods.md, "Mixed precision"): the smoothed
+classifier is defined by whatever deterministic function f maps a noisy image to a class. Running
+the base network in bf16 gives another such function f'; the certificate is then a statement about
+the smoothing of f', the function that actually ran, and the Clopper-Pearson bound and the radius
+are computed from f''s counts exactly as for f. What must not happen is drawing or adding the
+noise at low precision (the perturbation would no longer be Gaussian with the stated sigma), which
+is why the noise stays outside the autocast region.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from rcm.errors import ConfigError
+
+AMP = ("off", "bf16", "fp16")
+_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_dtype(amp: str) -> torch.dtype | None:
+    """The autocast dtype of an ``amp`` value (None for 'off'); ConfigError names the bad value."""
+    if amp not in _DTYPES:
+        raise ConfigError(f"amp must be one of {', '.join(AMP)}, got '{amp}'")
+    return _DTYPES[amp]
+
+
+def native_support(amp: str, device: torch.device) -> bool:
+    """Whether ``device`` computes ``amp``'s dtype natively (else autocast still runs, emulated and slow).
+
+    CUDA: bf16 needs compute capability 8.0 (Ampere) or newer; fp16 runs everywhere. CPU: oneDNN's own
+    check (AVX-512 BF16 / AMX for bf16, AVX-512 FP16 / AMX-FP16 for fp16). On an AVX2-only CPU, bf16
+    convolutions run tens of times slower than float32 (docs/benchmarks.md).
+    """
+    if amp == "off":
+        return True
+    if device.type == "cuda":
+        return amp == "fp16" or torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        check = {"bf16": "_is_mkldnn_bf16_supported", "fp16": "_is_mkldnn_fp16_supported"}[amp]
+        try:
+            return bool(getattr(torch.ops.mkldnn, check)())
+        except (AttributeError, RuntimeError):
+            return False
+    return True
+
+
+def warn_if_emulated(amp: str, device: torch.device, what: str) -> None:
+    if not native_support(amp, device):
+        print(f"{what}: warning: amp={amp} on {device}, which has no native {amp} arithmetic; it runs "
+              f"correctly but emulated, usually much slower than amp=off (rcm bench certify --amp {amp} "
+              f"measures it)", file=sys.stderr)
+
+
+def autocast(amp: str, device: torch.device):
+    """The autocast context of ``amp`` on ``device`` (a disabled one for 'off')."""
+    dtype = amp_dtype(amp)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+class Autocast(nn.Module):
+    """``model`` run under autocast (and optionally in channels-last layout), returning float32 logits.
+
+    This is the base classifier f' that certification smooths when ``amp`` is not 'off'. The input
+    (the noisy image) arrives in float32 and is only cast inside the autocast region, by the layers
+    that autocast lowers. ``channels_last`` changes the memory layout of the input and of the
+    convolution weights (a speed choice that can change rounding, not the function's definition).
+    """
+
+    def __init__(self, model: nn.Module, amp: str = "off", channels_last: bool = False):
+        super().__init__()
+        amp_dtype(amp)  # validates
+        self.model, self.amp, self.channels_last = model, amp, channels_last
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.amp, x.device):
+            logits = self.model(x)
+        return logits.float()
+
+
+def wrap(model: nn.Module, amp: str = "off", channels_last: bool = False, compile: bool = False) -> nn.Module:  # noqa: A002
+    """``model`` as certification runs it: unchanged for amp 'off' without channels_last or compile."""
+    if amp != "off" or channels_last:
+        model = Autocast(model, amp, channels_last)
+    if compile:
+        model = torch.compile(model)
+    return model
