@@ -7,6 +7,10 @@ spends its time in), seconds per certified image at each requested n (measured u
 per sample counted by torch.utils.flop_counter, the FLOP/s this achieves, and the fraction of this
 machine's measured matmul peak (the best of several large FP32 matmuls on the same device and
 thread count: a practical peak, not the vendor's datasheet number).
+
+``--amp``, ``--channels_last`` and ``--compile`` run the base classifier as ``rcm certify`` would with
+those options (rcm.precision.wrap); ``--against_fp32`` also measures the same network in plain
+float32, in the same process, and prints the speed-up.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from rcm import paths
 from rcm.errors import ConfigError
 from rcm.flops import flops_per_sample
 from rcm.options import resolve_device
+from rcm.precision import AMP, native_support, wrap
 from rcm.smoothing import Smooth
 
 
@@ -37,12 +42,34 @@ def add_arguments(p) -> None:
                    help="measure n up to this; extrapolate larger n from the measured rate")
     p.add_argument("--images", type=int, default=3, help="images certified per measured n")
     p.add_argument("--device", default="auto")
+    p.add_argument("--amp", choices=AMP, default="off", help="autocast around the base classifier (rcm.precision)")
+    p.add_argument("--channels_last", action="store_true", help="channels-last convolutions")
+    p.add_argument("--compile", action="store_true", help="torch.compile the base classifier (compile time excluded)")
+    p.add_argument("--against_fp32", action="store_true",
+                   help="also measure the same network in plain float32 and print the speed-up")
+    p.add_argument("--arch", default="", help="or an untrained network of this shape: cifar_resnet20, "
+                                              "cifar_resnet110 or resnet50 (Cohen et al.'s)")
+    p.add_argument("--config", nargs="+", default=[],
+                   help="or the base classifier that --method certifies under this preset (and overlays, "
+                        "merged in order), built at full size with random weights (rcm.presets)")
+    p.add_argument("--flops_only", action="store_true",
+                   help="print FLOPs and parameters only (counted on the meta device: no memory, no compute)")
 
 
 def _model(args, device) -> tuple[nn.Module, str, int, tuple[int, ...]]:
     """(base classifier, description, num_classes, image shape)."""
     from rcm.models import load_model
 
+    if args.config:
+        from rcm import presets
+
+        if not args.method:
+            raise ConfigError("--config needs --method: which method's base classifier to build")
+        cfg = presets.load_config(args.config)
+        model, text = presets.base_classifier(cfg, args.method, args.sigma)
+        c, size, classes = presets.image_shape(cfg)
+        return (model, f"{args.method} at sigma={args.sigma} under {' + '.join(args.config)}: {text} "
+                       "(random weights)", classes, (c, size, size))
     if args.checkpoint:
         model, payload = load_model(args.checkpoint)
         cfg = payload["model_config"]
@@ -63,6 +90,16 @@ def _model(args, device) -> tuple[nn.Module, str, int, tuple[int, ...]]:
         model = base_classifier(args.method, args.sigma, args.results, args.dataset, device)
         return model, f"{args.method} at sigma={args.sigma} from {args.results}", split.num_classes, \
             tuple(split.images.shape[1:])
+    if args.arch:
+        from rcm.models.cohen import ARCHS, CohenClassifier
+
+        if args.arch not in ARCHS:
+            raise ConfigError(f"--arch {args.arch}: not one of {', '.join(ARCHS)}")
+        size = 32 if args.arch.startswith("cifar_") else 224
+        classes = 10 if args.arch.startswith("cifar_") else 1000
+        torch.manual_seed(0)
+        return (CohenClassifier(arch=args.arch, num_classes=classes, image_size=size),
+                f"{args.arch} (random weights; its cost does not depend on them)", classes, (3, size, size))
     from rcm.models.classifier import Classifier
 
     model = Classifier(in_channels=1, num_classes=10, image_size=8)
@@ -93,16 +130,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_certify(args) -> dict:
-    device = resolve_device(args.device)
-    model, description, num_classes, shape = _model(args, device)
-    model = model.to(device).eval()
-    x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(device)
-    smooth = Smooth(model, num_classes, args.sigma)
-    gen = torch.Generator(device=device).manual_seed(0)
-    flops = flops_per_sample(model, x)
-
-    smooth.sample_counts(x, args.batch_size, args.batch_size, gen)  # warm-up
+def _rate(smooth: Smooth, x: torch.Tensor, args, device: torch.device, gen: torch.Generator) -> float:
+    """Best-of-three noise samples per second of ``smooth`` at x (after one warm-up batch)."""
+    smooth.sample_counts(x, args.batch_size, args.batch_size, gen)  # warm-up (and compilation)
     draws = max(args.batch_size, min(args.measure_max, 20 * args.batch_size))
     best = float("inf")
     for _ in range(3):  # best of three: on shared cores the fastest run is the least disturbed one
@@ -111,7 +141,19 @@ def bench_certify(args) -> dict:
         smooth.sample_counts(x, draws, args.batch_size, gen)
         _sync(device)
         best = min(best, time.perf_counter() - start)
-    rate = draws / best
+    return draws / best
+
+
+def bench_certify(args) -> dict:
+    device = resolve_device(args.device)
+    model, description, num_classes, shape = _model(args, device)
+    model = model.to(device).eval()
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    flops = flops_per_sample(model, x)
+    fp32_rate = _rate(Smooth(model, num_classes, args.sigma), x, args, device, gen) if args.against_fp32 else None
+    smooth = Smooth(wrap(model, args.amp, args.channels_last, args.compile), num_classes, args.sigma)
+    rate = _rate(smooth, x, args, device, gen)
 
     per_image = {}
     for n in args.ns:
@@ -127,17 +169,54 @@ def bench_certify(args) -> dict:
     peak = matmul_peak(device, size)
     return dict(matmul_size=size, description=description, device=str(device), threads=torch.get_num_threads(),
                 batch_size=args.batch_size, flops=flops, rate=rate, per_image=per_image,
-                achieved=rate * flops, peak=peak)
+                achieved=rate * flops, peak=peak, fp32_rate=fp32_rate,
+                precision=_precision_text(args), native=native_support(args.amp, device))
+
+
+def _precision_text(args) -> str:
+    parts = ["float32" if args.amp == "off" else f"autocast {args.amp}"]
+    parts += ["channels-last"] if args.channels_last else []
+    parts += ["torch.compile"] if args.compile else []
+    return ", ".join(parts)
+
+
+def count_flops(model: nn.Module, shape: tuple[int, ...]) -> float:
+    """FLOPs per sample of ``model`` on images of ``shape``, counted on a meta-device copy (shapes only:
+    no memory for activations, no arithmetic), or on the CPU where an operator has no meta kernel."""
+    import copy
+
+    try:
+        meta = copy.deepcopy(model).to("meta")
+        return flops_per_sample(meta, torch.zeros(shape, device="meta"))
+    except (NotImplementedError, RuntimeError):
+        return flops_per_sample(model, torch.rand(shape))
+
+
+def flops_report(args) -> dict:
+    model, description, _, shape = _model(args, torch.device("cpu"))
+    from rcm.presets import parameters
+
+    return dict(description=description, shape=shape, flops=count_flops(model, shape), params=parameters(model))
 
 
 def main(args) -> None:
+    if args.flops_only:
+        r = flops_report(args)
+        print(f"{'base classifier':<20}: {r['description']}")
+        print(f"{'input':<20}: {' x '.join(map(str, r['shape']))}")
+        print(f"{'parameters':<20}: {r['params']:.4g}")
+        print(f"{'FLOPs per sample':<20}: {r['flops']:.4g} (torch.utils.flop_counter; 2 per multiply-add)")
+        return
     r = bench_certify(args)
     size = r["matmul_size"]
     lines = [
         ("base classifier", r["description"]),
         ("device", f"{r['device']}, {r['threads']} torch thread(s), batch {r['batch_size']}"),
+        ("precision", r["precision"] + ("" if r["native"] else f" (no native {args.amp} on this device: emulated)")),
         ("FLOPs per sample", f"{r['flops']:.4g} (torch.utils.flop_counter)"),
         ("noise samples/s", f"{r['rate']:.4g} (noise + forward + bincount)"),
+        *([("float32 samples/s", f"{r['fp32_rate']:.4g}, the same network in plain float32"),
+           ("speed-up", f"{r['rate'] / r['fp32_rate']:.3g}x over float32")] if r["fp32_rate"] else []),
         *[("seconds/image", f"{seconds:.4g} at n0={args.n0}, n={n} ({how})")
           for n, (seconds, how) in r["per_image"].items()],
         ("achieved FLOP/s", f"{r['achieved']:.4g}"),

@@ -48,3 +48,18 @@ def test_bench_sequential_prints_both_rules_per_method_and_sigma(digits_results,
     assert [int(c) for c in seq[10].rstrip(" |").split(" / ")] == [  # the draws' spread: <=1k, <=10k, more, all 20010
         (draws.draws <= 1000).sum() // 2, ((draws.draws > 1000) & (draws.draws <= 10000)).sum() // 2,
         ((draws.draws > 10000) & (draws.draws < 20010)).sum() // 2, (draws.draws == 20010).sum() // 2]
+
+
+def test_bench_certify_measures_amp_against_float32(capsys):
+    """--amp/--channels_last run the network as `rcm certify` would; --against_fp32 prints both rates and
+    their ratio (numbers vary with the machine; that they are printed, and consistent, is what is tested)."""
+    assert cli(["bench", "certify", "--arch", "cifar_resnet20", "--amp", "bf16", "--channels_last",
+                "--against_fp32", "--ns", "100", "--measure_max", "100", "--images", "1", "--batch_size", "20",
+                "--n0", "10", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"precision\s*: autocast bf16, channels-last", out)
+    amp = float(re.search(r"noise samples/s\s*: ([0-9.e+]+)", out).group(1))
+    fp32 = float(re.search(r"float32 samples/s\s*: ([0-9.e+]+)", out).group(1))
+    ratio = float(re.search(r"speed-up\s*: ([0-9.]+)x over float32", out).group(1))
+    assert ratio == pytest.approx(amp / fp32, rel=0.01)
+    assert re.search(r"FLOPs per sample\s*: 8\.1[0-9]*e\+07", out)   # ResNet-20: 40.8 M multiply-adds

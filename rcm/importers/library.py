@@ -50,10 +50,11 @@ def _timm_state(src: Path) -> dict:
     return state
 
 
-def read_timm(src, options: dict):
+def timm_classifier(options: dict):
+    """The TimmClassifier that ``--model`` and the other import options describe, with random weights,
+    and timm's pretrained config for it (its input size, interpolation, mean, std)."""
     import timm
 
-    from rcm.importers import load_state_into
     from rcm.models.library import TimmClassifier
 
     name = options.get("model")
@@ -66,7 +67,6 @@ def read_timm(src, options: dict):
     except Exception:  # an unknown pretrained tag
         cfg = None
     cfg = cfg.to_dict() if cfg is not None else {}
-    state = _timm_state(Path(src))
     head = options.get("num_classes") or cfg.get("num_classes") or 1000
     size = int(options.get("image_size") or cfg.get("input_size", (3, 224, 224))[-1])
     kwargs = {}
@@ -79,6 +79,15 @@ def read_timm(src, options: dict):
                                num_classes=int(head), create_kwargs=kwargs)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"timm cannot build '{name}' with {kwargs or 'its defaults'}: {exc}") from exc
+    return model, cfg
+
+
+def read_timm(src, options: dict):
+    from rcm.importers import load_state_into
+
+    model, cfg = timm_classifier(options)
+    name = options["model"]
+    state = _timm_state(Path(src))
     if set(state) != set(model.net.state_dict()):
         module = importlib.import_module(type(model.net).__module__)
         convert = getattr(module, "checkpoint_filter_fn", None)
