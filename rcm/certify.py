@@ -147,6 +147,9 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
                for s in (sigmas if cascade else [float(sigma)])]
     example = split.float_images(rows[:1])[0].to(device) if len(rows) else None
     flops = [flops_per_sample(m, example) for _, m in members] if example is not None else [0.0]
+    for s, m in members:  # the resolutions each image passes through, into the job's log
+        if hasattr(m, "describe"):
+            print(f"certify: {method} at sigma {s}: {m.describe(split.images.shape[-1])}", file=sys.stderr)
     warn_if_emulated(o.amp, device, "certify")
     members = [(s, wrap(m, o.amp, o.channels_last, o.compile)) for s, m in members]
     batch_size = batch_size_of(method, o)

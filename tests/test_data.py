@@ -152,3 +152,34 @@ def test_imagenet_missing_split_folder(tmp_path):
 def test_unknown_dataset():
     with pytest.raises(DatasetError, match="unknown dataset 'mnist'"):
         load_raw("mnist", "test")
+
+
+def test_imagenet_protocol_is_every_100th_validation_image_resized_256_and_centre_cropped_224(tmp_path):
+    """The papers' ImageNet protocol, as config/imagenet.yaml sets it: torchvision's Resize(256) (shorter
+    side, bilinear) then CenterCrop(224) of every 100th validation image in ImageFolder order."""
+    import yaml
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    preset = yaml.safe_load((paths.Path(__file__).resolve().parents[1] / "config/imagenet.yaml").read_text())
+    assert preset["data"]["image_size"] == 224 and preset["data"]["skip"] == 100
+    root = tmp_path / "imagenet"
+    rng = np.random.default_rng(1)
+    for split, per_class in (("train", 2), ("val", 70)):
+        for c in ("n01440764", "n01443537", "n01484850"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                h, w = (30 + i % 7, 41) if i % 2 else (52, 33 + i % 5)   # landscape and portrait
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+                    root / split / c / f"{i:03d}.JPEG", format="JPEG")
+    out = tmp_path / "results"
+    assert cli(["prepare", "--dataset", "imagenet", "--root", str(root), "--results", str(out),
+                "--image_size", str(preset["data"]["image_size"]), "--skip", str(preset["data"]["skip"]),
+                "--max_images", "500", "--val_fraction", "0.5"]) == 0
+    test = load_split(paths.prepared(out, "imagenet", "test"))
+    assert test.indices.tolist() == [0, 100, 200] and test.images.shape[1:] == (3, 224, 224)
+    reference = ImageFolder(str(root / "val"), transform=transforms.Compose(
+        [transforms.Resize(256), transforms.CenterCrop(224), transforms.PILToTensor()]))
+    for row, idx in enumerate(test.indices.tolist()):
+        image, label = reference[idx]
+        assert torch.equal(test.images[row], image) and int(test.labels[row]) == label

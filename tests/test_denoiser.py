@@ -261,3 +261,25 @@ def test_cli_import_missing_path_fails_cleanly(digits, tmp_path, capsys):
             "--pretrained", str(tmp_path / "absent")]
     assert cli.main(argv) == 2
     assert "absent" in capsys.readouterr().err
+
+
+def test_a_256_px_guided_unet_denoises_224_px_crops_and_the_pipeline_is_described():
+    """As Carlini et al.'s ImageNet code does: the 224 px centre crop goes into the 256 px guided-diffusion
+    UNet unchanged (convolutional, attention by downsampling rate), then 224 -> 512 for the classifier."""
+    from rcm.importers.openai import GUIDED_DEFAULTS, denoiser_config, parse_flags
+    from rcm.models.denoiser import DenoisedClassifier, Denoiser
+
+    flags = parse_flags("--attention_resolutions 32,16,8 --image_size 256 --learn_sigma True --num_channels 32 "
+                        "--num_head_channels 16 --num_res_blocks 1 --resblock_updown True "
+                        "--use_scale_shift_norm True", GUIDED_DEFAULTS, "guided-diffusion")
+    denoiser = Denoiser(**denoiser_config(flags, "guided-diffusion")).eval()
+    classifier = Classifier(in_channels=3, num_classes=5, image_size=64, width=4, blocks=1, stages=2)
+    model = DenoisedClassifier(denoiser, classifier, 0.5).eval()
+    text = model.describe(224)
+    assert "at 224 px (a 256 px model, run at the input's size)" in text
+    assert "resize 224 -> 64 px, bicubic with antialiasing" in text and text.endswith("classify at 64 px")
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 224, 224)).shape == (2, 5)
+    assert denoiser.downsampling == 32
+    with pytest.raises(ConfigError, match="side must be a multiple of 32"):
+        model.describe(200)

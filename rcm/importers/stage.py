@@ -39,9 +39,10 @@ def check_fits(model: torch.nn.Module, split, role: str, source: str) -> None:
     c, h = x.shape[1], x.shape[-1]
     config = getattr(model, "config", {})
     if role == "denoiser":
-        if config.get("in_channels") != c or config.get("image_size") != h:
-            raise ConfigError(f"pretrained '{source}' denoises {config.get('in_channels')}-channel "
-                              f"{config.get('image_size')} px images; the data has {c} channels at {h} px")
+        if config.get("in_channels") != c:
+            raise ConfigError(f"pretrained '{source}' denoises {config.get('in_channels')}-channel images; "
+                              f"the data has {c} channels")
+        model.check_size(h)                              # another size: fully convolutional, if it divides
         model.denoise_one_shot(x, 0.25)
         return
     try:

@@ -125,6 +125,22 @@ class Denoiser(nn.Module):
     def num_timesteps(self) -> int:
         return self.config["num_train_timesteps"]
 
+    @property
+    def downsampling(self) -> int:
+        """The UNet's total downsampling factor: an input side must be a multiple of it."""
+        levels = (len(self.config["openai_unet"]["channel_mult"]) if self.config["network"] == "openai"
+                  else len(self.config["block_out_channels"]))
+        return 2 ** (levels - 1)
+
+    def check_size(self, size: int) -> None:
+        """Whether the UNet can denoise ``size`` px images. Both UNets are convolutional, with attention
+        placed by downsampling rate, so a model trained at one resolution runs at another whose side is
+        a multiple of ``downsampling`` (Carlini et al. run the 256 px guided-diffusion model on ImageNet's
+        224 px centre crops); ConfigError otherwise."""
+        if size % self.downsampling:
+            raise ConfigError(f"the denoiser ({self.config['image_size']} px, {self.downsampling}x downsampling) "
+                              f"cannot run on {size} px images: the side must be a multiple of {self.downsampling}")
+
     def _abar(self, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
         """abar_t broadcast to ``like``'s shape: t is an int or (B,)."""
         t = torch.as_tensor(t, device=self.alphas_cumprod.device)
@@ -202,6 +218,19 @@ class DenoisedClassifier(nn.Module):
             classifier_size = getattr(classifier, "config", {}).get("image_size")
         self.classifier_size = classifier_size
         denoiser.t_star(self.sigma)  # fail now, not inside certification, if sigma is out of range
+
+    def describe(self, size: int) -> str:
+        """What happens to a ``size`` px noisy image, resolution by resolution (the certify log records it);
+        ConfigError if the denoiser cannot run at that size."""
+        self.denoiser.check_size(size)
+        native = self.denoiser.config["image_size"]
+        steps = [f"denoise at t* = {self.denoiser.t_star(self.sigma)} at {size} px"
+                 + ("" if size == native else f" (a {native} px model, run at the input's size)")]
+        target = self.classifier_size
+        if target is not None and target != size:
+            steps.append(f"resize {size} -> {target} px, bicubic with antialiasing")
+        steps.append(f"classify at {target or size} px")
+        return "; ".join(steps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x0 = self.denoiser.denoise_one_shot(x, self.sigma)            # (B, C, H, W) in [0, 1]
