@@ -29,16 +29,41 @@ def workflow_rules() -> set[str]:
     return set(re.findall(r"^\s*rule (\w+):", text, re.M))  # some rules sit in an if/else on the config
 
 
+def runtime(res: dict, attempt: int) -> int:
+    """A profile runtime at ``attempt``: Snakemake evaluates the expression with ``attempt`` bound."""
+    return int(eval(str(res["runtime"]), {"__builtins__": {}}, {"attempt": attempt}))
+
+
 def test_profile_covers_every_rule_and_asks_gpus_where_they_work():
     """A rule name the profile misspells would silently get the defaults; GPUs go to training and
-    certification, CPUs only to prepare, report and the imports."""
+    certification in the plugin's current terms (`gpu`, sbatch --gpus), CPUs only to prepare, report
+    and the imports; every time limit grows with the attempt."""
     profile = yaml.safe_load(PROFILE.read_text())
     assert profile["executor"] == "slurm"
     assert set(profile["set-resources"]) == set(profile["set-threads"]) == workflow_rules() == GPU_RULES | CPU_RULES
     for rule, res in profile["set-resources"].items():
-        assert res.get("gres") == ("gpu:1" if rule in GPU_RULES else None), rule
-        assert res["runtime"] > 0 and res["mem_mb"] > 0, rule
+        assert res.get("gpu") == (1 if rule in GPU_RULES else None) and "gres" not in res, rule
+        assert 0 < runtime(res, 1) < runtime(res, 2) == 2 * runtime(res, 1), rule
+        assert res["mem_mb"] > 0, rule
     assert "slurm_account" not in profile["default-resources"]  # site-specific: see the profile's notes
+
+
+def test_runtime_grows_with_the_attempt_in_snakemake_itself(tmp_path):
+    """The profile's `"N * attempt"` strings are what Snakemake evaluates per attempt: a rule that fails
+    once is resubmitted with twice the time limit (checked with the local executor and this profile's
+    resource syntax, so no SLURM is needed)."""
+    (tmp_path / "Snakefile").write_text(
+        "rule r:\n    output: 'out.txt'\n"
+        "    shell: 'echo {resources.runtime} {resources.gpu} >> tries.txt; test $(wc -l < tries.txt) -ge 2 && touch {output}'\n")
+    profile = yaml.safe_load(PROFILE.read_text())
+    (tmp_path / "prof").mkdir()
+    (tmp_path / "prof/config.yaml").write_text(yaml.safe_dump(
+        {"retries": 1, "set-resources": {"r": profile["set-resources"]["certify"]}}))
+    r = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", "--profile", "prof", "--resources", "gpu=1"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    base = runtime(profile["set-resources"]["certify"], 1)
+    assert (tmp_path / "tries.txt").read_text().split() == [str(base), "1", str(2 * base), "1"]
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +83,12 @@ def slurm_cluster(tmp_path_factory):
 
 
 def cpu_only_resources() -> dict[str, dict]:
-    """The profile's per-rule resources without gres, fitted to a 2-CPU node without GPUs."""
+    """The profile's per-rule resources without GPUs, fitted to a 2-CPU node without GPUs."""
     profile = yaml.safe_load(PROFILE.read_text())
     out = {}
     for rule, res in profile["set-resources"].items():
-        res = {k: v for k, v in res.items() if k != "gres"}
-        res.update(mem_mb=min(res["mem_mb"], 1500), runtime=min(res["runtime"], 60) // 3)
+        res = {k: v for k, v in res.items() if k != "gpu"}
+        res.update(mem_mb=min(res["mem_mb"], 1500), runtime=min(runtime(res, 1), 60) // 3)
         out[rule] = res
     return out
 
