@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from rcm.errors import RcmError
@@ -43,6 +44,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# the stages that run data-parallel under torchrun (rcm.distributed); the rest run in one process
+DISTRIBUTED = ("train-denoiser", "train-classifier", "finetune-denoiser", "pretrain-rrcm", "finetune-rrcm")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if a in COMMANDS), None)
@@ -51,11 +56,21 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from rcm import distributed
+
+    if distributed.launched() and args._name not in DISTRIBUTED:
+        print(f"rcm {args._name}: error: started as one of several processes (WORLD_SIZE="
+              f"{os.environ['WORLD_SIZE']}); only the training stages run under torchrun "
+              f"({', '.join(DISTRIBUTED)})", file=sys.stderr)
+        return 2
     try:
+        distributed.init()
         importlib.import_module(args._module).main(args)
     except RcmError as exc:
         print(f"rcm {args._name}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
     return 0
 
 

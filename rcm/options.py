@@ -50,12 +50,15 @@ def add_stage_options(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def resolve_device(name: str):
-    """A stage's ``device`` option as a torch.device: 'auto' is CUDA when present, else the CPU."""
+    """A stage's ``device`` option as a torch.device: 'auto' is CUDA when present, else the CPU; under
+    torchrun, 'cuda' means this process's GPU (LOCAL_RANK)."""
     import torch
 
+    from rcm.distributed import local_device
+
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        return local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return local_device(torch.device(name))
 
 
 def from_args(cls: type, args: argparse.Namespace):

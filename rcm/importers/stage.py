@@ -20,6 +20,10 @@ def import_instead(source: str, fmt: str, options: str, out: Path, role: str, da
     """Import ``source`` to ``out`` when it names a model (then True), else do nothing (False)."""
     if is_placeholder(source):
         return False
+    from rcm import distributed
+
+    if not distributed.is_main():  # under torchrun one process imports; the rest have nothing to train
+        return True
     if not Path(source).exists():
         raise ConfigError(f"pretrained '{source}' does not exist")
     val = load_split(paths.prepared(results, dataset, "val"))

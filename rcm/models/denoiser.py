@@ -170,13 +170,17 @@ class Denoiser(nn.Module):
             return a.sqrt() * out + (1.0 - a).sqrt() * x_t
         return (x_t - a.sqrt() * out) / (1.0 - a).sqrt()          # 'sample': out is x0
 
-    def loss(self, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def loss(self, x0: torch.Tensor, generator: torch.Generator, part=None) -> torch.Tensor:
         """The DDPM "simple" loss E ||eps - eps_theta(x_t, t)||^2, t ~ U{0..T-1}; x0 in [-1, 1].
 
-        Randomness is drawn on the CPU from ``generator`` (the same noise on every device).
+        Randomness is drawn on the CPU from ``generator`` (the same noise on every device) for all of
+        x0; ``part`` (e.g. rcm.distributed.local) then keeps the rows this process computes.
         """
-        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        if part is not None:
+            x0, t, noise = part(x0), part(t), part(noise)
+        t, noise = t.to(x0.device), noise.to(x0.device)
         return F.mse_loss(self.eps(self.q_sample(x0, t, noise), t), noise)
 
     def t_star(self, sigma: float) -> int:

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from rcm import paths
 from rcm.data import Split, load_split
+from rcm.distributed import local
 from rcm.errors import ConfigError
 from rcm.importers import PLACEHOLDER
 from rcm.models import kind_of
@@ -50,6 +51,8 @@ class ClassifierOptions:
     device: str = option("cpu", "torch device ('cpu', 'cuda', 'cuda:1', ...)")
     amp: str = option("off", "off | bf16 | fp16: autocast for the forward pass and loss (fp16 with loss "
                              "scaling; skipped steps are logged)")
+    micro_batches: int = option(1, "gradient accumulation: passes per step over each process's share of "
+                                   "batch_size, which stays the global batch (rcm.distributed)")
     pretrained: str = option("", f"the clean classifier (sigma 0) to import instead of training "
                                  f"('' or {PLACEHOLDER}: train)")
     pretrained_format: str = option("", "its rcm import-model --format: cohen, timm or hf")
@@ -135,8 +138,8 @@ def make_run(opts: ClassifierOptions, dataset: str, results: str, sigma: float) 
         x = augment(x, g, opts.crop_padding, opts.hflip)
         if sigma > 0:  # noise drawn on the CPU: the same run on every device
             x = x + sigma * torch.randn(x.shape, generator=g)
-        logits = model(x.to(dev))
-        y = train_set.labels[rows].to(dev)
+        x, y = local(x).to(dev), local(train_set.labels[rows]).to(dev)       # this process's part
+        logits = model(x)
         return F.cross_entropy(logits, y), {"train_acc": (logits.argmax(1) == y).float().mean().item()}
 
     x_val, y_val = val_set.float_images(), val_set.labels
@@ -150,7 +153,7 @@ def make_run(opts: ClassifierOptions, dataset: str, results: str, sigma: float) 
                model_config=model.config, config=config, optimizer=optimizer, loss_fn=loss_fn,
                steps=opts.steps, seed=opts.seed, checkpoint_every=opts.checkpoint_every,
                eval_every=opts.eval_every, eval_fn=eval_fn, scheduler=scheduler,
-               desc=f"classifier sigma={paths.fmt_sigma(sigma)}", amp=opts.amp)
+               desc=f"classifier sigma={paths.fmt_sigma(sigma)}", amp=opts.amp, micro_batches=opts.micro_batches)
 
 
 def main(args) -> None:
@@ -166,5 +169,7 @@ def main(args) -> None:
         return
     run = make_run(opts, args.dataset, args.results, args.sigma)
     metrics = train(run)
+    if not metrics:  # another process of a torchrun launch: rank 0 wrote and reports
+        return
     print(f"wrote {run.out}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics[-1].items()
                                            if k.endswith("acc") or k.startswith("acc_")))

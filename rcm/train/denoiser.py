@@ -18,6 +18,7 @@ import torch
 
 from rcm import paths
 from rcm.data import load_split
+from rcm.distributed import local
 from rcm.errors import ConfigError
 from rcm.importers import PLACEHOLDER
 from rcm.models.denoiser import Denoiser
@@ -49,6 +50,8 @@ class DenoiserOptions:
     device: str = option("cpu", "torch device ('cpu', 'cuda', ...)")
     amp: str = option("off", "off | bf16 | fp16: autocast for the forward pass and loss (fp16 with loss "
                              "scaling; skipped steps are logged)")
+    micro_batches: int = option(1, "gradient accumulation: passes per step over each process's share of "
+                                   "batch_size, which stays the global batch (rcm.distributed)")
     pretrained: str = option("", f"a denoiser to import instead of training ('' or {PLACEHOLDER}: train), "
                                  "then fine-tuned by finetune-denoiser for mdds; a diffusers folder's "
                                  "scheduler config (if any) overrides the schedule options")
@@ -111,7 +114,7 @@ def make_run(opts: DenoiserOptions, dataset: str, results: str) -> Run:
 
     def loss_fn(step: int, g: torch.Generator):
         x0 = 2.0 * train_set.float_images(batch_rows(n, bs, step, opts.seed)) - 1.0  # (B, C, H, W) in [-1, 1]
-        return model.loss(x0.to(dev), g), {}
+        return model.loss(x0.to(dev), g, part=local), {}
 
     def eval_fn(m) -> dict:
         return one_shot_mse(m, val_images, opts.eval_sigmas, opts.seed, dev)
@@ -121,7 +124,7 @@ def make_run(opts: DenoiserOptions, dataset: str, results: str) -> Run:
                steps=opts.steps, seed=opts.seed, checkpoint_every=opts.checkpoint_every,
                eval_every=opts.eval_every, eval_fn=eval_fn, scheduler=scheduler,
                grad_clip=opts.grad_clip or None, ema=ema, ema_decay=lambda step: opts.ema_decay,
-               desc="denoiser", amp=opts.amp)
+               desc="denoiser", amp=opts.amp, micro_batches=opts.micro_batches)
 
 
 def main(args) -> None:
@@ -136,5 +139,7 @@ def main(args) -> None:
         return
     run = make_run(opts, args.dataset, args.results)
     metrics = train(run)
+    if not metrics:  # another process of a torchrun launch: rank 0 wrote and reports
+        return
     print(f"wrote {run.out}: " + ", ".join(f"{k}={v:.5f}" for k, v in metrics[-1].items()
                                            if k.startswith("mse_")))

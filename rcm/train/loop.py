@@ -10,6 +10,11 @@ Files, for a final checkpoint ``out``:
   Workflow engines delete a job's declared outputs before rerunning it, so resume state must not be one;
 - ``out`` stem + ``.metrics.jsonl``  per-evaluation metrics (loss, clean and noisy accuracy).
 
+Data parallel (rcm.distributed): under torchrun every process runs this loop on its share of each
+global batch (``Run.micro_batches`` passes of it, gradients accumulated); the model is wrapped in
+DistributedDataParallel (BatchNorm made SyncBatchNorm on CUDA), the loss that is logged and checked is
+the mean over processes, and only rank 0 evaluates and writes files.
+
 Mixed precision (``Run.amp``, rcm.precision): the forward pass and the loss run under autocast, the
 backward and the optimiser step in float32 weights. fp16 scales the loss with a ``GradScaler``; a
 step whose gradients overflow is skipped (the weights stay, the schedule moves on), counted, and
@@ -18,6 +23,7 @@ logged as ``skipped_steps``. The scaler's state is part of the resume state.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -30,6 +36,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from rcm import distributed
 from rcm.atomic import write_text
 from rcm.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from rcm.errors import TrainingError
@@ -86,6 +93,19 @@ class Run:
     evaluate_ema: bool = True                         # evaluate the EMA weights when there are any
     desc: str = "train"
     amp: str = "off"                                  # 'off' | 'bf16' | 'fp16' (rcm.precision)
+    micro_batches: int = 1                            # gradient-accumulation passes per process and step
+
+
+class _Forward(nn.Module):
+    """The stage's loss function as a module over ``model``, so that DistributedDataParallel sees one
+    forward pass per backward whatever the stage calls inside (representation, project, denoise...)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, step: int, generator: torch.Generator):
+        return self.loss_fn(step, generator)
 
 
 class _Precision:
@@ -107,9 +127,12 @@ class _Precision:
             self.scaler.load_state_dict(payload["scaler"])
         self.skipped = int(payload.get("skipped_steps") or 0)
 
-    def step(self, run: Run, loss: torch.Tensor) -> None:
-        """Backward and optimiser step; an fp16 step with non-finite gradients is skipped and counted."""
+    def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
+
+    def step(self, run: Run) -> None:
+        """The optimiser step on the accumulated gradients; an fp16 step with non-finite gradients is
+        skipped and counted."""
         if run.grad_clip:
             self.scaler.unscale_(run.optimizer)
             nn.utils.clip_grad_norm_(run.model.parameters(), run.grad_clip)
@@ -158,42 +181,66 @@ def train(run: Run) -> list[dict]:
     """Run (or resume) training to ``run.steps`` and write the final checkpoint; return the metrics."""
     out = Path(run.out)
     resume = resume_path(out)
+    if run.micro_batches < 1:
+        raise TrainingError(f"{run.desc}: micro_batches must be >= 1, got {run.micro_batches}")
     precision = _Precision(run)
-    warn_if_emulated(run.amp, precision.device, run.desc)
+    main = distributed.is_main()
+    if main:
+        warn_if_emulated(run.amp, precision.device, run.desc)
     step, metrics = (_restore(run, resume, precision) if resume.exists() else (0, []))
-    if step:
+    if step and main:
         print(f"{run.desc}: resuming from {resume} at step {step}", file=sys.stderr)
-    bar = tqdm(total=run.steps, initial=step, desc=run.desc, unit="step", dynamic_ncols=True,
+    bar = tqdm(total=run.steps, initial=step, desc=run.desc, unit="step", dynamic_ncols=True, disable=not main,
                mininterval=0.5 if sys.stderr.isatty() else 10.0, file=sys.stderr)
     run.model.train()
+    forward = _Forward(run.model, run.loss_fn)
+    if distributed.world_size() > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if precision.device.type == "cuda":
+            nn.SyncBatchNorm.convert_sync_batchnorm(run.model)
+        forward = DistributedDataParallel(
+            forward, device_ids=[precision.device.index] if precision.device.type == "cuda" else None)
     try:
         with warnings.catch_warnings():
             # a skipped fp16 step makes the scheduler step before the optimiser: intended, see above
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
-            step, metrics, logs = _steps(run, step, metrics, bar, resume, precision)
+            step, metrics, logs = _steps(run, forward, step, metrics, bar, resume, precision)
     finally:
         bar.close()
-    if run.eval_fn and not metrics:
+    if run.eval_fn and not metrics and main:
         metrics.append(_evaluate(run, step, float("nan"), logs, metrics, precision))
-    save_checkpoint(out, **_state(run, step, metrics, precision))
-    resume.unlink(missing_ok=True)
+    if main:
+        save_checkpoint(out, **_state(run, step, metrics, precision))
+        resume.unlink(missing_ok=True)
+    distributed.barrier()
     return metrics
 
 
-def _steps(run: Run, step: int, metrics: list[dict], bar, resume: Path,
+def _steps(run: Run, forward: nn.Module, step: int, metrics: list[dict], bar, resume: Path,
            precision: _Precision) -> tuple[int, list[dict], dict]:
     logs: dict = {}
+    world, rank, passes = distributed.world_size(), distributed.rank(), run.micro_batches
+    main = rank == 0
     while step < run.steps:
         s = step_seed(run.seed, step)
-        torch.manual_seed(s)
-        with autocast(run.amp, precision.device):
-            loss, logs = run.loss_fn(step, torch.Generator().manual_seed(s))
-        loss = loss.float()
-        if not torch.isfinite(loss):
+        run.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=precision.device)
+        for m in range(passes):
+            # every pass draws the whole batch's randomness from the step's seed and keeps its part
+            torch.manual_seed(s)
+            sync = contextlib.nullcontext() if m == passes - 1 or world == 1 else forward.no_sync()
+            with distributed.part(rank * passes + m, world * passes), sync:
+                with autocast(run.amp, precision.device):
+                    part_loss, logs = forward(step, torch.Generator().manual_seed(s))
+                part_loss = part_loss.float()
+                total += part_loss.detach()
+                precision.backward(part_loss / passes)
+        loss = distributed.mean_over_processes(total / passes)
+        if not torch.isfinite(loss):  # the same verdict in every process
             raise TrainingError(f"{run.desc}: loss is {loss.item()} at step {step}; stopped. The last good "
                                 f"state is kept in {resume if resume.exists() else '(none yet)'}")
-        run.optimizer.zero_grad(set_to_none=True)
-        precision.step(run, loss)
+        precision.step(run)
         if run.scheduler:
             run.scheduler.step()
         if run.ema is not None:
@@ -203,9 +250,13 @@ def _steps(run: Run, step: int, metrics: list[dict], bar, resume: Path,
         bar.set_postfix(loss=f"{loss.item():.4f}", **({"skipped": precision.skipped} if run.amp == "fp16" else {}),
                         refresh=False)
         if run.eval_fn and run.eval_every and (step % run.eval_every == 0 or step == run.steps):
-            metrics.append(_evaluate(run, step, loss.item(), logs, metrics, precision))
+            if main:
+                metrics.append(_evaluate(run, step, loss.item(), logs, metrics, precision))
+            distributed.barrier()
         if step % run.checkpoint_every == 0 and step < run.steps:
-            save_checkpoint(resume, **_state(run, step, metrics, precision))
+            if main:
+                save_checkpoint(resume, **_state(run, step, metrics, precision))
+            distributed.barrier()
     return step, metrics, logs
 
 

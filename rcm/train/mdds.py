@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from rcm import paths
 from rcm.data import load_split
+from rcm.distributed import local
 from rcm.errors import ConfigError
 from rcm.models import load_model
 from rcm.models.denoiser import DenoisedClassifier, Denoiser
@@ -52,6 +53,8 @@ class FinetuneDenoiserOptions:
     device: str = option("cpu", "torch device ('cpu', 'cuda', ...)")
     amp: str = option("off", "off | bf16 | fp16: autocast for the forward pass and loss (fp16 with loss "
                              "scaling; skipped steps are logged)")
+    micro_batches: int = option(1, "gradient accumulation: passes per step over each process's share of "
+                                   "batch_size, which stays the global batch (rcm.distributed)")
 
 
 def add_arguments(p) -> None:
@@ -92,12 +95,16 @@ class MultiScaleLoss(nn.Module):
         self.denoiser, self.classifier = denoiser, classifier.eval().requires_grad_(False)
         self.copies, self.ac_weight, self.denoise_weight = copies, ac_weight, denoise_weight
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, sigma: float, generator: torch.Generator):
-        """x: (B, C, H, W) clean images in [0, 1], y: (B,) labels; noise drawn on the CPU from ``generator``."""
+    def forward(self, x: torch.Tensor, y: torch.Tensor, sigma: float, generator: torch.Generator, part=None):
+        """x: (B, C, H, W) clean images in [0, 1], y: (B,) labels; noise drawn on the CPU from ``generator``
+        for the whole batch, of which ``part`` (e.g. rcm.distributed.local) keeps this process's rows."""
+        part = part or (lambda t: t)
+        x_all = x
+        delta = part(torch.randn((x.shape[0], self.copies, *x.shape[1:]), generator=generator)).to(x.device)
+        x, y = part(x), part(y)
         B, M = x.shape[0], self.copies
         with torch.no_grad():
             recoverable = (self.classifier(x).argmax(1) == y).to(x.dtype)   # (B,)
-        delta = torch.randn((B, M, *x.shape[1:]), generator=generator).to(x.device)
         noisy = (x[:, None] + sigma * delta).flatten(0, 1)                  # (B*M, C, H, W)
         logits = DenoisedClassifier(self.denoiser, self.classifier, sigma)(noisy)
         probs = logits.softmax(-1).view(B, M, -1)                           # (B, M, K)
@@ -107,7 +114,7 @@ class MultiScaleLoss(nn.Module):
         logs = {"brier": l_brier.item(), "ac": l_ac.item(), "recoverable": recoverable.mean().item(),
                 "sigma": sigma}
         if self.denoise_weight:
-            l_ddpm = self.denoiser.loss(2.0 * x - 1.0, generator)
+            l_ddpm = self.denoiser.loss(2.0 * x_all - 1.0, generator, part)
             loss = loss + self.denoise_weight * l_ddpm
             logs["ddpm"] = l_ddpm.item()
         return loss, logs
@@ -133,7 +140,7 @@ def make_run(opts: FinetuneDenoiserOptions, dataset: str, results: str) -> Run:
     def loss_fn(step: int, g: torch.Generator):
         rows = batch_rows(n, bs, step, opts.seed)
         sigma = opts.sigmas[int(torch.randint(len(opts.sigmas), (1,), generator=g))]
-        return objective(train_set.float_images(rows).to(dev), train_set.labels[rows].to(dev), sigma, g)
+        return objective(train_set.float_images(rows).to(dev), train_set.labels[rows].to(dev), sigma, g, local)
 
     x_val, y_val = val_set.float_images(), val_set.labels
 
@@ -149,12 +156,14 @@ def make_run(opts: FinetuneDenoiserOptions, dataset: str, results: str) -> Run:
                model_config=denoiser.config, config=config, optimizer=optimizer, loss_fn=loss_fn,
                steps=opts.steps, seed=opts.seed, checkpoint_every=opts.checkpoint_every,
                eval_every=opts.eval_every, eval_fn=eval_fn, grad_clip=opts.grad_clip or None,
-               desc="finetune-denoiser", amp=opts.amp)
+               desc="finetune-denoiser", amp=opts.amp, micro_batches=opts.micro_batches)
 
 
 def main(args) -> None:
     opts = from_args(FinetuneDenoiserOptions, args)
     run = make_run(opts, args.dataset, args.results)
     metrics = train(run)
+    if not metrics:  # another process of a torchrun launch: rank 0 wrote and reports
+        return
     print(f"wrote {run.out}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics[-1].items()
                                            if k.endswith("acc") or k.startswith("acc_")))

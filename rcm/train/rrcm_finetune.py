@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rcm import paths
+from rcm import distributed, paths
 from rcm.data import Split, load_split
+from rcm.distributed import local
 from rcm.errors import ConfigError
 from rcm.models import load_model
 from rcm.models.vit import SigmaConditioned, classifier_from_encoder
@@ -55,6 +56,8 @@ class FinetuneOptions:
     device: str = option("cpu", "torch device")
     amp: str = option("off", "off | bf16 | fp16: autocast for the forward pass and loss (fp16 with loss "
                              "scaling; skipped steps are logged)")
+    micro_batches: int = option(1, "gradient accumulation: passes per step over each process's share of "
+                                   "batch_size, which stays the global batch (rcm.distributed)")
     pretrained_noisy: list[str] = option([], "the rRCM authors' fine-tuned classifiers to import instead of "
                                              "fine-tuning: SIGMA=PATH entries (format rrcm)")
     pretrained_options: str = option("", "further rcm import-model options for them, one string "
@@ -91,11 +94,11 @@ def build_run(o: FinetuneOptions, sigma: float, pretrained: Path, train_split: S
 
     def loss_fn(step: int, g: torch.Generator):
         rows = batch_rows(len(train_split), o.batch_size, step, o.seed)
-        x = train_split.float_images(rows).to(device)         # (B, C, H, W) in [0, 1], as certified
-        y = train_split.labels[rows].to(device)
-        xs = x.repeat(o.num_draws, 1, 1, 1)                    # (m*B, C, H, W), draw-major
-        noise = torch.randn(xs.shape, generator=g).to(device)
-        logits = base(xs + sigma * noise).reshape(o.num_draws, len(x), -1)   # (m, B, K)
+        x = train_split.float_images(rows)                     # (B, C, H, W) in [0, 1], as certified
+        noise = torch.randn((o.num_draws, *x.shape), generator=g)   # (m, B, C, H, W), draw-major
+        x, y, noise = local(x).to(device), local(train_split.labels[rows]).to(device), local(noise, 1).to(device)
+        xs = (x[None] + sigma * noise).flatten(0, 1)           # (m*b, C, H, W): this process's part
+        logits = base(xs).reshape(o.num_draws, len(x), -1)    # (m, b, K)
         terms = loss.terms(logits, y)
         return loss.weighted(terms), {k: v.item() for k, v in terms.items()}
 
@@ -115,7 +118,7 @@ def build_run(o: FinetuneOptions, sigma: float, pretrained: Path, train_split: S
                optimizer=optimizer, loss_fn=loss_fn, steps=o.steps, seed=o.seed,
                checkpoint_every=o.checkpoint_every, eval_every=o.eval_every, eval_fn=eval_fn,
                scheduler=warmup_cosine(optimizer, o.warmup, o.steps), grad_clip=o.grad_clip or None,
-               desc=f"finetune-rrcm sigma={sigma}", amp=o.amp)
+               desc=f"finetune-rrcm sigma={sigma}", amp=o.amp, micro_batches=o.micro_batches)
 
 
 def add_arguments(p) -> None:
@@ -139,6 +142,8 @@ def main(args) -> None:
     out = paths.rrcm_finetuned(args.results, args.dataset, args.sigma)
     metrics = train(build_run(o, args.sigma, pretrained, train_split, val_split, out,
                               {"dataset": args.dataset}))
+    if not distributed.is_main():  # another process of a torchrun launch: rank 0 wrote and reports
+        return
     last = metrics[-1] if metrics else {}
     print(f"finetune-rrcm: wrote {out}; " + ", ".join(f"{k}={v:.4f}" for k, v in last.items()
                                                      if "acc" in k and v is not None))

@@ -27,10 +27,12 @@ class InfoNCE(nn.Module):
         """(B, B) cosine similarities over tau; row i scores query i against every key."""
         return F.normalize(q.flatten(1), dim=1) @ F.normalize(k.flatten(1), dim=1).T / self.temperature
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """q (b, D) against k (B, D), B >= b: query i's positive is key offset + i, every other key a
+        negative (data parallel: k holds every process's keys and offset is this process's first row)."""
         with torch.autocast(q.device.type, enabled=False):  # similarities / tau in float32 under any amp
             logits = self.logits(q.float(), k.float())
-            return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
+            return F.cross_entropy(logits, offset + torch.arange(len(logits), device=logits.device))
 
 
 class ContrastiveLoss(nn.Module):
@@ -41,8 +43,8 @@ class ContrastiveLoss(nn.Module):
         self.nce = InfoNCE(temperature)
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor, target1: torch.Tensor,
-                target2: torch.Tensor) -> torch.Tensor:
-        return self.nce(z1, target2.detach()) + self.nce(z2, target1.detach())
+                target2: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        return self.nce(z1, target2.detach(), offset) + self.nce(z2, target1.detach(), offset)
 
 
 class ConsistencyLoss(nn.Module):
@@ -55,8 +57,8 @@ class ConsistencyLoss(nn.Module):
         super().__init__()
         self.nce = InfoNCE(temperature)
 
-    def forward(self, h_noisier: torch.Tensor, h_cleaner: torch.Tensor) -> torch.Tensor:
-        return self.nce(h_noisier, h_cleaner.detach())
+    def forward(self, h_noisier: torch.Tensor, h_cleaner: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        return self.nce(h_noisier, h_cleaner.detach(), offset)
 
 
 class ConsistencyRegularization(nn.Module):

@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rcm import paths
+from rcm import distributed, paths
 from rcm.data import Split, load_split
-from rcm.importers import PLACEHOLDER
+from rcm.distributed import local
 from rcm.errors import ConfigError
+from rcm.importers import PLACEHOLDER
 from rcm.models.vit import CERTIFY_GRID_POINTS, RRCMNet, edm_grid, nearest_grid_index, num_grid_points
 from rcm.options import add_stage_options, from_args, option, resolve_device
 from rcm.train.augment import ViewConfig, augment, random_flip
@@ -82,6 +83,8 @@ class PretrainOptions:
     device: str = option("cpu", "torch device")
     amp: str = option("off", "off | bf16 | fp16: autocast for the forward pass and loss (fp16 with loss "
                              "scaling; skipped steps are logged)")
+    micro_batches: int = option(1, "gradient accumulation: passes per step over each process's share of "
+                                   "batch_size, which stays the global batch (rcm.distributed)")
     pretrained: str = option("", f"the rRCM authors' pretrained network (nnet.pth) to import instead of "
                                  f"pretraining ('' or {PLACEHOLDER}: train); finetune-rrcm then fine-tunes it")
     pretrained_format: str = option("", "its rcm import-model --format: rrcm")
@@ -220,7 +223,6 @@ def build_run(o: PretrainOptions, train_split: Split, val_split: Split | None, o
         grid = edm_grid(num_points).float()
         rows = batch_rows(len(train_split), o.batch_size, step, o.seed)
         x = (2 * train_split.float_images(rows) - 1).to(device)              # (B, C, H, W) in [-1, 1]
-        b = len(x)
         v1, v2 = augment(x, g, view1), augment(x, g, view2)
         # The consistency term runs on the clean image (flipped only, as the views are), not on an
         # augmented view: fine-tuning and certification feed clean images plus Gaussian noise, so the
@@ -230,6 +232,9 @@ def build_run(o: PretrainOptions, train_split: Split, val_split: Split | None, o
         eps = torch.randn(x.shape, generator=g).to(device)                  # one eps per image
         n = int(torch.randint(0, num_points - 1, (1,), generator=g))        # one index per batch
         s_min, s_n, s_next = grid[-1].item(), grid[n].item(), grid[n + 1].item()
+        # the whole batch's randomness is drawn; this process computes its part, against the keys of all
+        v1, v2, x0, eps = local(v1), local(v2), local(x0), local(eps)
+        b, offset = len(v1), distributed.rank() * len(v1)
 
         # One online pass with gradients over [v1, v2 at s_min | x at s_n]; BN sees both views.
         levels = torch.cat([torch.full((2 * b,), s_min), torch.full((b,), s_n)]).to(device)
@@ -240,8 +245,9 @@ def build_run(o: PretrainOptions, train_split: Split, val_split: Split | None, o
             target.train()  # batch statistics in the target's projector, as in the online one
             t1, t2 = target.project(target.representation(inputs[:2 * b], levels[:2 * b])).chunk(2)
             h_next = model.representation(x0 + s_next * eps, s_next)        # stop-grad online target
-        l_con = contrastive(z1, z2, t1, t2)
-        l_cons = consistency(hs[2 * b:], h_next)
+        gather = distributed.gather
+        l_con = contrastive(z1, z2, gather(t1), gather(t2), offset)
+        l_cons = consistency(hs[2 * b:], gather(h_next), offset)
         logs = {"l_con": l_con.item(), "l_cons": l_cons.item(), "grid_points": num_points,
                 "ema_decay": target_decay(step, o.steps, o.ema_start, o.ema_end, o.ema_sharpness)}
         return l_con + l_cons, logs
@@ -258,7 +264,7 @@ def build_run(o: PretrainOptions, train_split: Split, val_split: Split | None, o
                scheduler=warmup_cosine(optimizer, o.warmup, o.steps), grad_clip=o.grad_clip or None,
                ema=target, ema_decay=lambda k: target_decay(k, o.steps, o.ema_start, o.ema_end,
                                                             o.ema_sharpness),
-               evaluate_ema=False, desc="pretrain-rrcm", amp=o.amp)
+               evaluate_ema=False, desc="pretrain-rrcm", amp=o.amp, micro_batches=o.micro_batches)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -278,6 +284,8 @@ def main(args) -> None:
     val_split = load_split(paths.prepared(args.results, args.dataset, "val"))
     out = paths.rrcm_pretrained(args.results, args.dataset)
     metrics = train(build_run(o, train_split, val_split, out, {"dataset": args.dataset}))
+    if not distributed.is_main():  # another process of a torchrun launch: rank 0 wrote and reports
+        return
     last = metrics[-1] if metrics else {}
     print(f"pretrain-rrcm: wrote {out}; " + ", ".join(f"{k}={v:.4f}" for k, v in last.items()
                                                      if k.startswith("knn_") and v is not None))

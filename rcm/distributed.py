@@ -1,0 +1,130 @@
+"""Data-parallel training under torchrun: process group, ranks, and each process's share of a batch.
+
+`torchrun --standalone --nproc_per_node N -m rcm <training stage> <flags>` starts N processes with
+RANK, WORLD_SIZE and LOCAL_RANK set (multi-node: torchrun's rendezvous, e.g. inside a SLURM
+allocation); `rcm.cli` then joins them into one process group (NCCL on CUDA, gloo on CPUs) before
+the stage runs. Nothing changes for a single process.
+
+How a step is split, so that N processes train the same model as one process would:
+
+- every process draws the step's randomness for the *whole* global batch from the step's generator
+  (augmentations, noise, timesteps: the same draws in every process, and the same as a single
+  process's), then keeps its own rows with ``local``: part ``rank * micro + m`` of
+  ``world * micro`` equal parts, where ``micro`` is the number of gradient-accumulation passes;
+- the loss is the mean over the part; DistributedDataParallel averages gradients over processes and
+  the loop divides by ``micro``, so the update is the gradient of the global batch's mean loss, up to
+  the order of floating-point reductions;
+- what cannot be split this way differs by design: BatchNorm statistics are per part (converted to
+  SyncBatchNorm on CUDA, where they are global again; torch has no CPU SyncBatchNorm), and dropout
+  masks come from each process's own generator.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+
+from rcm.errors import TrainingError
+
+_PART = [0, 1]  # (index, count) of the global batch's part this pass computes
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if initialized() else 1
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or another launcher) as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init() -> None:
+    """Join the process group torchrun describes: NCCL when CUDA is present, gloo otherwise."""
+    if initialized() or not launched():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(backend)
+
+
+def shutdown() -> None:
+    if initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def barrier() -> None:
+    if initialized():
+        torch.distributed.barrier()
+
+
+def local_device(device: torch.device) -> torch.device:
+    """Under torchrun, CUDA means this process's GPU (LOCAL_RANK)."""
+    if device.type == "cuda" and device.index is None and launched():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+@contextmanager
+def part(index: int, count: int):
+    """Within the block, ``local`` keeps part ``index`` of ``count`` of a global batch."""
+    old = list(_PART)
+    _PART[:] = [index, count]
+    try:
+        yield
+    finally:
+        _PART[:] = old
+
+
+def local(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """This pass's rows of a tensor that holds the whole global batch along ``dim``."""
+    index, count = _PART
+    if count == 1:
+        return t
+    n = t.shape[dim]
+    if n % count:
+        raise TrainingError(f"a global batch of {n} cannot be split into {count} equal parts "
+                            f"({world_size()} processes x gradient-accumulation passes): make "
+                            "batch_size a multiple of it")
+    size = n // count
+    return t.narrow(dim, index * size, size)
+
+
+def part_offset(rows: int) -> int:
+    """The global row index of this pass's first row, for a part of ``rows`` rows."""
+    return _PART[0] * rows
+
+
+def gather(t: torch.Tensor) -> torch.Tensor:
+    """The parts of every process concatenated along dim 0 (no gradient): e.g. InfoNCE keys from all
+    processes, as the reference rRCM code gathers them. With gradient accumulation, a pass gathers the
+    other processes' parts of the same pass."""
+    if world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world_size())]
+    torch.distributed.all_gather(parts, t.detach().contiguous())
+    return torch.cat(parts)
+
+
+def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar over processes (gloo has no AVG): what every process logs and checks."""
+    if world_size() == 1:
+        return value
+    total = value.detach().clone().float()
+    torch.distributed.all_reduce(total)
+    return total / world_size()

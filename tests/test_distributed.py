@@ -1,0 +1,115 @@
+"""Data-parallel training under torchrun on CPUs (gloo): two processes at the same global batch and seed
+reach the weights one process reaches, up to the order of floating-point reductions.
+
+Tolerance: the two runs differ only in how per-sample gradients are summed (each process sums its half,
+then gloo adds the two halves), which changes float32 rounding at about 1e-7 relative per step; after a
+few Adam steps of these tiny models the weights agree to well under 1e-5. A run with another seed, for
+scale, differs by more than 1e-2. BatchNorm stages (the classifier, rRCM pretraining's projector) use
+per-process batch statistics on CPUs (torch's SyncBatchNorm is CUDA-only; on CUDA the loop converts to
+it), so for them the test checks that the launch trains, evaluates and writes once, not equality.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from rcm import cli, paths
+from rcm.checkpoint import load_checkpoint
+from rcm.data import prepare
+
+SMALL = ["--steps", "3", "--batch_size", "16", "--eval_every", "3", "--checkpoint_every", "2"]
+STAGES = {
+    "train-denoiser": (["train-denoiser", *SMALL, "--block_out_channels", "8", "16", "--norm_num_groups", "4",
+                        "--eval_sigmas", "0.5"], lambda r: paths.denoiser(r, "digits")),
+    "finetune-denoiser": (["finetune-denoiser", *SMALL, "--copies", "2", "--sigmas", "0.5"],
+                          lambda r: paths.denoiser(r, "digits", finetuned=True)),
+    "finetune-rrcm": (["finetune-rrcm", *SMALL, "--sigma", "0.5", "--eval_sigmas", "0.5", "--num_draws", "2"],
+                      lambda r: paths.rrcm_finetuned(r, "digits", 0.5)),
+    "train-classifier": (["train-classifier", *SMALL, "--sigma", "0.5", "--eval_sigmas", "0.5"],
+                         lambda r: paths.classifier(r, "digits", 0.5)),
+    "pretrain-rrcm": (["pretrain-rrcm", *SMALL, "--patch_size", "4", "--dim", "16", "--depth", "1", "--heads", "2",
+                       "--proj_hidden", "32", "--proj_dim", "16", "--eval_sigmas", "0.5"],
+                      lambda r: paths.rrcm_pretrained(r, "digits")),
+}
+EXACT = ("train-denoiser", "finetune-denoiser", "finetune-rrcm")
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """Every stage trained by one process (in this one), in workflow order: the reference, and the
+    inputs the fine-tuning stages read."""
+    root = tmp_path_factory.mktemp("one")
+    prepare("digits", root)
+    assert cli.main(["train-classifier", "--results", str(root), *SMALL, "--sigma", "0.0", "--eval_sigmas", "0.5"]) == 0
+    for name in ("train-denoiser", "train-classifier", "pretrain-rrcm", "finetune-denoiser", "finetune-rrcm"):
+        argv, _ = STAGES[name]
+        assert cli.main([argv[0], "--results", str(root), *argv[1:]]) == 0, name
+    return root
+
+
+def _torchrun(root, argv, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), "-m", "rcm", "--threads", "1", argv[0], "--results", str(root), *argv[1:]],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def _max_difference(a: dict, b: dict) -> float:
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_two_processes_train_what_one_trains(single, tmp_path, stage):
+    argv, out = STAGES[stage]
+    root = tmp_path / "two"
+    shutil.copytree(single, root)
+    out(root).unlink()
+    r = _torchrun(root, argv)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("wrote") == 1                        # rank 0 reports, once
+    one, two = load_checkpoint(out(single)), load_checkpoint(out(root))
+    assert two["step"] == 3 and [m["step"] for m in two["metrics"]] == [3]
+    assert len(out(root).with_suffix(".metrics.jsonl").read_text().splitlines()) == 1
+    assert not paths.Path(str(out(root)) + ".resume").exists()
+    if stage in EXACT:
+        assert _max_difference(one["model"], two["model"]) < 1e-5, stage
+        assert two["metrics"][0]["loss"] == pytest.approx(one["metrics"][0]["loss"], rel=1e-5)
+    else:  # per-process BatchNorm statistics on CPUs: trained, not equal
+        assert _max_difference(one["model"], two["model"]) > 0
+
+
+def test_the_tolerance_is_far_below_what_a_different_run_changes(single, tmp_path):
+    argv, out = STAGES["train-denoiser"]
+    root = tmp_path / "seed"
+    shutil.copytree(single, root)
+    assert cli.main([argv[0], "--results", str(root), *argv[1:], "--seed", "1"]) == 0
+    assert _max_difference(load_checkpoint(out(single))["model"], load_checkpoint(out(root))["model"]) > 1e-2
+
+
+def test_gradient_accumulation_equals_the_whole_batch(single, tmp_path):
+    """--micro_batches 4: four passes of 4 images accumulate the gradient of the 16-image batch."""
+    for stage in ("train-denoiser", "finetune-rrcm"):
+        argv, out = STAGES[stage]
+        root = tmp_path / stage
+        shutil.copytree(single, root)
+        assert cli.main([argv[0], "--results", str(root), *argv[1:], "--micro_batches", "4"]) == 0
+        assert _max_difference(load_checkpoint(out(single))["model"], load_checkpoint(out(root))["model"]) < 1e-5
+
+
+def test_a_batch_that_does_not_split_is_refused(single, tmp_path, capsys):
+    argv, _ = STAGES["train-denoiser"]
+    root = tmp_path / "odd"
+    shutil.copytree(single, root)
+    assert cli.main([argv[0], "--results", str(root), *argv[1:], "--micro_batches", "3"]) == 2
+    assert "global batch of 16 cannot be split into 3 equal parts" in capsys.readouterr().err
+
+
+def test_only_training_stages_run_under_torchrun(single):
+    r = _torchrun(single, ["certify", "--method", "rrcm", "--sigma", "0.5"])
+    assert r.returncode != 0
+    assert "only the training stages run under torchrun" in r.stderr
