@@ -35,14 +35,14 @@ def runtime(res: dict, attempt: int) -> int:
 
 
 def test_profile_covers_every_rule_and_asks_gpus_where_they_work():
-    """A rule name the profile misspells would silently get the defaults; GPUs go to training and
-    certification in the plugin's current terms (`gpu`, sbatch --gpus), CPUs only to prepare, report
-    and the imports; every time limit grows with the attempt."""
+    """A rule name the profile misspells would silently get the defaults; GPUs are not the profile's
+    to set (the rules ask for the config's `gpus` as the plugin's `gpu` resource, tests/test_workflow.py),
+    no old-style gres; every time limit grows with the attempt."""
     profile = yaml.safe_load(PROFILE.read_text())
     assert profile["executor"] == "slurm"
     assert set(profile["set-resources"]) == set(profile["set-threads"]) == workflow_rules() == GPU_RULES | CPU_RULES
     for rule, res in profile["set-resources"].items():
-        assert res.get("gpu") == (1 if rule in GPU_RULES else None) and "gres" not in res, rule
+        assert "gpu" not in res and "gres" not in res, rule
         assert 0 < runtime(res, 1) < runtime(res, 2) == 2 * runtime(res, 1), rule
         assert res["mem_mb"] > 0, rule
     assert "slurm_account" not in profile["default-resources"]  # site-specific: see the profile's notes
@@ -58,7 +58,7 @@ def test_runtime_grows_with_the_attempt_in_snakemake_itself(tmp_path):
     profile = yaml.safe_load(PROFILE.read_text())
     (tmp_path / "prof").mkdir()
     (tmp_path / "prof/config.yaml").write_text(yaml.safe_dump(
-        {"retries": 1, "set-resources": {"r": profile["set-resources"]["certify"]}}))
+        {"retries": 1, "set-resources": {"r": {**profile["set-resources"]["certify"], "gpu": 1}}}))
     r = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", "--profile", "prof", "--resources", "gpu=1"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -83,11 +83,11 @@ def slurm_cluster(tmp_path_factory):
 
 
 def cpu_only_resources() -> dict[str, dict]:
-    """The profile's per-rule resources without GPUs, fitted to a 2-CPU node without GPUs."""
+    """The profile's per-rule resources fitted to a 2-CPU node (the tiny config asks for no GPUs)."""
     profile = yaml.safe_load(PROFILE.read_text())
     out = {}
     for rule, res in profile["set-resources"].items():
-        res = {k: v for k, v in res.items() if k != "gpu"}
+        res = dict(res)
         res.update(mem_mb=min(res["mem_mb"], 1500), runtime=min(runtime(res, 1), 60) // 3)
         out[rule] = res
     return out

@@ -64,7 +64,8 @@ REPORT_FILES = {"certified_accuracy.csv", "certified_accuracy.md", "certified_ac
 # the interpreter (RCM = `<python> -m rcm`) is a global, not a param, on purpose: a venv at another
 # path must not count as changed params and rerun everything.
 ACCEPTED_LINTS = ("Specify a conda environment or container", "Param results is a prefix",
-                  "Shell command directly uses variable RCM from outside of the rule")
+                  "Shell command directly uses variable RCM from outside of the rule",
+                  "Shell command directly uses variable LAUNCH from outside of the rule")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -175,11 +176,14 @@ def dry_run(cwd: Path, *args: str) -> list[Job]:
 
 
 def rcm_tokens(cmd: str) -> list[str]:
-    """A command as `rcm` tokens (Snakemake's `<python> -m rcm` as `rcm`), without `--threads N`
-    and the log redirection."""
+    """A command as `rcm` tokens (Snakemake's `<python> -m rcm` as `rcm`, and a torchrun launch of it
+    as `rcm`), without `--threads N` and the log redirection."""
     tokens = shlex.split(cmd)
     if ">" in tokens:
         tokens = tokens[:tokens.index(">")]
+    if tokens[1:3] == ["-m", "torch.distributed.run"]:
+        assert tokens[3:5] == ["--standalone", "--nproc_per_node"] and tokens[6:8] == ["-m", "rcm"], cmd
+        tokens = [tokens[0], *tokens[6:]]
     if tokens[1:3] == ["-m", "rcm"]:
         assert tokens[0] == sys.executable, f"a job runs another interpreter: {cmd}"
         tokens = ["rcm", *tokens[3:]]
@@ -891,3 +895,35 @@ def test_dvc_push_then_pull_in_a_fresh_clone_leaves_nothing_to_do(tiny_run, tmp_
     _edit_config(repo, lambda c: c["certify"].update(n=60))
     r = _make_pull(repo)
     assert r.returncode != 0 and "dvc status shows changed stages" in r.stderr
+
+
+def test_gpus_become_job_resources_and_several_launch_torchrun(fresh, tmp_path):
+    """`gpus` per stage: each job asks for its stage's GPUs (resources gpu=N, which the SLURM plugin
+    submits as --gpus=N and `--resources gpu=K` limits locally); a training stage with N > 1 runs as N
+    torchrun processes, one with 1 or 0 as plain `rcm`; certification shards take at most one."""
+    gpus = {"denoiser": 2, "classifier": 1, "finetune_denoiser": 0, "rrcm_pretrain": 4, "rrcm_finetune": 1,
+            "certify": 1}
+    over = overlay(tmp_path, "gpus", {"gpus": gpus})
+    r = snakemake(fresh, "-n", "-p", "--configfile", over, "--resources", "gpu=4")
+    assert r.returncode == 0, tail(r)
+    text = r.stdout + r.stderr
+    seen = {}
+    for m in _BLOCK.finditer(text):
+        resources = re.search(r"^\s+resources: (.*)$", m.group(2), re.M)
+        shell = re.search(r"^Shell command: (.*)$", m.group(2), re.M)
+        if resources and shell:
+            gpu = re.search(r"\bgpu=(\d+)", resources.group(1))
+            seen.setdefault(m.group(1), set()).add((int(gpu.group(1)) if gpu else 0, shell.group(1)))
+    section = {"train_denoiser": "denoiser", "train_classifier": "classifier", "finetune_denoiser": "finetune_denoiser",
+               "pretrain_rrcm": "rrcm_pretrain", "finetune_rrcm": "rrcm_finetune", "certify": "certify",
+               "certify_cascade": "certify"}
+    for rule, key in section.items():
+        assert seen.get(rule), rule
+        for gpu, shell in seen[rule]:
+            assert gpu == gpus[key], rule
+            launched = re.search(r"-m torch\.distributed\.run --standalone --nproc_per_node (\d+) -m rcm ", shell)
+            assert (int(launched.group(1)) if launched else 1) == max(1, gpus[key] if key != "certify" else 1), rule
+    assert all(gpu == 0 for rule, jobs in seen.items() if rule not in section for gpu, _ in jobs)
+    bad = overlay(tmp_path, "bad", {"gpus": {**gpus, "certify": 2}})
+    r = snakemake(fresh, "-n", "--configfile", bad)
+    assert r.returncode != 0 and "gpus.certify" in r.stdout + r.stderr

@@ -18,6 +18,8 @@ rule certify:
     benchmark:
         bench("certify", "{method}.sigma_{sigma}.shard_{shard}")
     threads: 1
+    resources:
+        gpu=GPUS["certify"],
     shell:
         "{RCM} --threads {threads} certify --dataset {params.dataset} --results {params.results}"
         " --method {wildcards.method} --sigma {wildcards.sigma} --shard {wildcards.shard}"
@@ -43,6 +45,8 @@ rule certify_cascade:
     benchmark:
         bench("certify", "{method}.cascade.shard_{shard}")
     threads: 1
+    resources:
+        gpu=GPUS["certify"],
     shell:
         "{RCM} --threads {threads} certify --dataset {params.dataset} --results {params.results}"
         " --method {wildcards.method} --sigma cascade --shard {wildcards.shard}"
@@ -68,6 +72,8 @@ rule certify_sequential:
     benchmark:
         bench("certify", "{method}.sigma_{sigma}_sequential.shard_{shard}")
     threads: 1
+    resources:
+        gpu=GPUS["certify"],
     shell:
         "{RCM} --threads {threads} certify --dataset {params.dataset} --results {params.results}"
         " --method {wildcards.method} --sigma {wildcards.sigma} --shard {wildcards.shard}"

@@ -20,8 +20,10 @@ rule train_classifier:
     benchmark:
         bench("train_classifier", "sigma_{sigma}")
     threads: 1
+    resources:
+        gpu=GPUS["classifier"],
     shell:
-        "{RCM} --threads {threads} train-classifier --dataset {params.dataset} --results {params.results}"
+        "{LAUNCH[classifier]} --threads {threads} train-classifier --dataset {params.dataset} --results {params.results}"
         " --sigma {wildcards.sigma} {params.flags} > {log} 2>&1"
 
 

@@ -261,6 +261,13 @@ wildcard_constraints:
 # PATH. It is a global in the shell commands, not a param, so a venv at another path (a collaborator's
 # clone, a cluster's file system) does not count as a change of the rules' code or params.
 RCM = f"{shlex.quote(sys.executable)} -m rcm"
+# GPUs per job of each stage (config `gpus`): resources gpu=N (sbatch --gpus=N on SLURM; a limit
+# with `snakemake --resources gpu=K`); a training stage with N > 1 runs as N torchrun processes
+# (rcm.distributed), one per GPU. Not a param, so moving the venv reruns nothing.
+GPUS = config["gpus"]
+LAUNCH = {section: RCM if n <= 1 else
+          f"{shlex.quote(sys.executable)} -m torch.distributed.run --standalone --nproc_per_node {n} -m rcm"
+          for section, n in GPUS.items()}
 
 
 def flags(section: dict) -> str:
@@ -315,9 +322,9 @@ CODE = {
     "import_classifier": [*IMPORTERS, "rcm/models/cohen.py", "rcm/models/library.py"],
     "import_denoiser": [*IMPORTERS, "rcm/models/denoiser.py", "rcm/models/openai_unet.py"],
     "import_rrcm": [*IMPORTERS, "rcm/models/vit.py"],
-    "certify": ["rcm/certify.py", "rcm/smoothing.py", "rcm/stats.py", "rcm/models/factory.py"],
-    "certify_cascade": ["rcm/certify.py", "rcm/smoothing.py", "rcm/stats.py", "rcm/models/factory.py",
-                        "rcm/cascade.py"],
+    "certify": ["rcm/certify.py", "rcm/smoothing.py", "rcm/precision.py", "rcm/stats.py", "rcm/models/factory.py"],
+    "certify_cascade": ["rcm/certify.py", "rcm/smoothing.py", "rcm/precision.py", "rcm/stats.py",
+                        "rcm/models/factory.py", "rcm/cascade.py"],
     "report": ["rcm/report/__init__.py", "rcm/report/entries.py", "rcm/report/tables.py",
                "rcm/report/significance.py", "rcm/report/render.py", "rcm/report/plot.py",
                "rcm/certificate.py"],

@@ -44,8 +44,10 @@ else:
         benchmark:
             bench("train_denoiser")
         threads: 1
+        resources:
+            gpu=GPUS["denoiser"],
         shell:
-            "{RCM} --threads {threads} train-denoiser --dataset {params.dataset} --results {params.results}"
+            "{LAUNCH[denoiser]} --threads {threads} train-denoiser --dataset {params.dataset} --results {params.results}"
             " {params.flags} > {log} 2>&1"
 
 
@@ -67,6 +69,8 @@ rule finetune_denoiser:
     benchmark:
         bench("finetune_denoiser")
     threads: 1
+    resources:
+        gpu=GPUS["finetune_denoiser"],
     shell:
-        "{RCM} --threads {threads} finetune-denoiser --dataset {params.dataset} --results {params.results}"
+        "{LAUNCH[finetune_denoiser]} --threads {threads} finetune-denoiser --dataset {params.dataset} --results {params.results}"
         " {params.flags} > {log} 2>&1"

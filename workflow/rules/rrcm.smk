@@ -43,8 +43,10 @@ else:
         benchmark:
             bench("pretrain_rrcm")
         threads: 1
+        resources:
+            gpu=GPUS["rrcm_pretrain"],
         shell:
-            "{RCM} --threads {threads} pretrain-rrcm --dataset {params.dataset} --results {params.results}"
+            "{LAUNCH[rrcm_pretrain]} --threads {threads} pretrain-rrcm --dataset {params.dataset} --results {params.results}"
             " {params.flags} > {log} 2>&1"
 
 
@@ -65,8 +67,10 @@ rule finetune_rrcm:
     benchmark:
         bench("finetune_rrcm", "sigma_{sigma}")
     threads: 1
+    resources:
+        gpu=GPUS["rrcm_finetune"],
     shell:
-        "{RCM} --threads {threads} finetune-rrcm --dataset {params.dataset} --results {params.results}"
+        "{LAUNCH[rrcm_finetune]} --threads {threads} finetune-rrcm --dataset {params.dataset} --results {params.results}"
         " --sigma {wildcards.sigma} {params.flags} > {log} 2>&1"
 
 
