@@ -74,10 +74,48 @@ def barrier() -> None:
 
 
 def local_device(device: torch.device) -> torch.device:
-    """Under torchrun, CUDA means this process's GPU (LOCAL_RANK)."""
-    if device.type == "cuda" and device.index is None and launched():
+    """Which GPU 'cuda' means: under torchrun this process's (LOCAL_RANK); otherwise, where several are
+    visible, the first that no other rcm process of this user holds (``claim_gpu``), so that concurrent
+    jobs of `snakemake --resources gpu=K` on a multi-GPU workstation each get their own."""
+    if device.type != "cuda" or device.index is not None:
+        return device
+    if launched():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
+    count = torch.cuda.device_count()
+    return torch.device("cuda", claim_gpu(count)) if count > 1 else device
+
+
+_CLAIMED: dict[int, object] = {}  # GPU index -> the open lock file that holds it for this process
+
+
+def gpu_lock_dir() -> str:
+    import tempfile
+
+    return os.environ.get("RCM_GPU_LOCKS") or os.path.join(tempfile.gettempdir(), f"rcm-gpu-locks-{os.getuid()}")
+
+
+def claim_gpu(count: int) -> int:
+    """The index of a GPU no other live process holds, held by this one until it exits (an advisory
+    ``flock`` per device in ``gpu_lock_dir()``: released by the kernel however the process ends).
+    When every device is held (more jobs than GPUs), GPU 0, shared, with a warning."""
+    import fcntl
+    import sys
+
+    if _CLAIMED:
+        return next(iter(_CLAIMED))
+    os.makedirs(gpu_lock_dir(), exist_ok=True)
+    for index in range(count):
+        handle = open(os.path.join(gpu_lock_dir(), f"cuda{index}.lock"), "w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            continue
+        _CLAIMED[index] = handle
+        return index
+    print(f"rcm: warning: all {count} GPUs are held by other rcm processes; sharing cuda:0 (run at most "
+          f"{count} GPU jobs at once: snakemake --resources gpu={count})", file=sys.stderr)
+    return 0
 
 
 @contextmanager

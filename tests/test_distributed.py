@@ -113,3 +113,24 @@ def test_only_training_stages_run_under_torchrun(single):
     r = _torchrun(single, ["certify", "--method", "rrcm", "--sigma", "0.5"])
     assert r.returncode != 0
     assert "only the training stages run under torchrun" in r.stderr
+
+
+def test_concurrent_jobs_each_claim_their_own_gpu(tmp_path):
+    """On a multi-GPU workstation, concurrent single-process jobs ask for 'cuda' and get different
+    devices: each holds an flock on its device's lock file until it exits. Checked with three processes
+    and a pretended count of 3 GPUs (the claim needs no GPU), then a fourth that finds all held."""
+    code = ("import sys, time; from rcm.distributed import claim_gpu; print(claim_gpu(3), flush=True); "
+            "sys.stdin.readline()")
+    env = {**os.environ, "RCM_GPU_LOCKS": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    try:
+        claimed = sorted(int(p.stdout.readline()) for p in procs)
+        assert claimed == [0, 1, 2]
+        extra = subprocess.run([sys.executable, "-c", code], input="\n", capture_output=True, text=True, env=env)
+        assert extra.stdout.strip() == "0" and "all 3 GPUs are held" in extra.stderr
+    finally:
+        for p in procs:
+            p.communicate("\n", timeout=60)
+    again = subprocess.run([sys.executable, "-c", code], input="\n", capture_output=True, text=True, env=env)
+    assert again.stdout.strip() == "0" and again.stderr == ""          # released when the jobs ended
