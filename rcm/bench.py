@@ -53,7 +53,8 @@ def add_arguments(p) -> None:
                    help="or the base classifier that --method certifies under this preset (and overlays, "
                         "merged in order), built at full size with random weights (rcm.presets)")
     p.add_argument("--flops_only", action="store_true",
-                   help="print FLOPs and parameters only (counted on the meta device: no memory, no compute)")
+                   help="print FLOPs and parameters only (counted on the meta device, with no memory or arithmetic; "
+                        "on the CPU where an operator has no meta kernel)")
 
 
 def _model(args, device) -> tuple[nn.Module, str, int, tuple[int, ...]]:

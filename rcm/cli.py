@@ -63,14 +63,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{os.environ['WORLD_SIZE']}); only the training stages run under torchrun "
               f"({', '.join(DISTRIBUTED)})", file=sys.stderr)
         return 2
+    clean = False
     try:
         distributed.init()
         importlib.import_module(args._module).main(args)
+        clean = True
     except RcmError as exc:
         print(f"rcm {args._name}: error: {exc}", file=sys.stderr)
         return 2
     finally:
-        distributed.shutdown()
+        distributed.shutdown(clean)
     return 0
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 
@@ -52,19 +53,26 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+# rank 0 evaluates (a k-NN over a large memory bank, say) while the others wait at a barrier
+TIMEOUT = timedelta(hours=2)
+
+
 def init() -> None:
-    """Join the process group torchrun describes: NCCL when CUDA is present, gloo otherwise."""
+    """Join the process group torchrun describes: gloo for CPU tensors, and NCCL for CUDA tensors
+    where there are GPUs (whichever device the stage trains on)."""
     if initialized() or not launched():
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group(backend)
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend, timeout=TIMEOUT)
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group: after a barrier when this process finished, at once when it failed
+    (a failing process must not wait for the others, nor let them pass a barrier they meant for
+    something else: torchrun then reports this process's error and stops the rest)."""
     if initialized():
-        torch.distributed.barrier()
+        if clean:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
@@ -74,15 +82,21 @@ def barrier() -> None:
 
 
 def local_device(device: torch.device) -> torch.device:
-    """Which GPU 'cuda' means: under torchrun this process's (LOCAL_RANK); otherwise, where several are
-    visible, the first that no other rcm process of this user holds (``claim_gpu``), so that concurrent
-    jobs of `snakemake --resources gpu=K` on a multi-GPU workstation each get their own."""
-    if device.type != "cuda" or device.index is not None:
+    """Which GPU 'cuda' means: where several are visible, the first that no other rcm process of this
+    user holds (``claim_gpu``), so that concurrent jobs of `snakemake --resources gpu=K` on a multi-GPU
+    workstation, and the processes of torchrun jobs among them, each get their own."""
+    if device.type != "cuda":
         return device
-    if launched():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.index is not None:
+        if launched():
+            raise TrainingError(f"device {device} under torchrun would put every process on one GPU: "
+                                "use 'cuda' (each process takes a GPU of its own)")
+        return device
     count = torch.cuda.device_count()
-    return torch.device("cuda", claim_gpu(count)) if count > 1 else device
+    if count > 1 or launched():
+        device = torch.device("cuda", claim_gpu(count))
+        torch.cuda.set_device(device)
+    return device
 
 
 _CLAIMED: dict[int, object] = {}  # GPU index -> the open lock file that holds it for this process
@@ -141,11 +155,6 @@ def local(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
                             "batch_size a multiple of it")
     size = n // count
     return t.narrow(dim, index * size, size)
-
-
-def part_offset(rows: int) -> int:
-    """The global row index of this pass's first row, for a part of ``rows`` rows."""
-    return _PART[0] * rows
 
 
 def gather(t: torch.Tensor) -> torch.Tensor:

@@ -134,3 +134,18 @@ def test_concurrent_jobs_each_claim_their_own_gpu(tmp_path):
             p.communicate("\n", timeout=60)
     again = subprocess.run([sys.executable, "-c", code], input="\n", capture_output=True, text=True, env=env)
     assert again.stdout.strip() == "0" and again.stderr == ""          # released when the jobs ended
+
+
+def test_refusals_name_the_problem(single, tmp_path, capsys, monkeypatch):
+    argv, _ = STAGES["pretrain-rrcm"]
+    root = tmp_path / "mb"
+    shutil.copytree(single, root)
+    assert cli.main([argv[0], "--results", str(root), *argv[1:], "--micro_batches", "2"]) == 2
+    assert "--micro_batches must be 1 for rRCM pretraining" in capsys.readouterr().err
+    from rcm.distributed import local_device
+    from rcm.errors import TrainingError
+    import torch
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(TrainingError, match="use 'cuda'"):
+        local_device(torch.device("cuda", 1))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rcm import paths
+from rcm import distributed, paths
 from rcm.data import load_split
 from rcm.distributed import local
 from rcm.errors import ConfigError
@@ -139,7 +139,7 @@ def main(args) -> None:
         return
     run = make_run(opts, args.dataset, args.results)
     metrics = train(run)
-    if not metrics:  # another process of a torchrun launch: rank 0 wrote and reports
+    if not distributed.is_main():  # another process of a torchrun launch: rank 0 wrote and reports
         return
     print(f"wrote {run.out}: " + ", ".join(f"{k}={v:.5f}" for k, v in metrics[-1].items()
                                            if k.startswith("mse_")))

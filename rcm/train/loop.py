@@ -13,7 +13,8 @@ Files, for a final checkpoint ``out``:
 Data parallel (rcm.distributed): under torchrun every process runs this loop on its share of each
 global batch (``Run.micro_batches`` passes of it, gradients accumulated); the model is wrapped in
 DistributedDataParallel (BatchNorm made SyncBatchNorm on CUDA), the loss that is logged and checked is
-the mean over processes, and only rank 0 evaluates and writes files.
+the mean over processes (the other logged terms are rank 0's last pass), and only rank 0 evaluates
+and writes files.
 
 Mixed precision (``Run.amp``, rcm.precision): the forward pass and the loss run under autocast, the
 backward and the optimiser step in float32 weights. fp16 scales the loss with a ``GradScaler``; a
@@ -197,8 +198,10 @@ def train(run: Run) -> list[dict]:
     if distributed.world_size() > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        if precision.device.type == "cuda":
+        if precision.device.type == "cuda":  # global batch statistics, in the EMA target's passes too
             nn.SyncBatchNorm.convert_sync_batchnorm(run.model)
+            if run.ema is not None:
+                nn.SyncBatchNorm.convert_sync_batchnorm(run.ema)
         forward = DistributedDataParallel(
             forward, device_ids=[precision.device.index] if precision.device.type == "cuda" else None)
     try:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rcm import paths
+from rcm import distributed, paths
 from rcm.data import load_split
 from rcm.distributed import local
 from rcm.errors import ConfigError
@@ -163,7 +163,7 @@ def main(args) -> None:
     opts = from_args(FinetuneDenoiserOptions, args)
     run = make_run(opts, args.dataset, args.results)
     metrics = train(run)
-    if not metrics:  # another process of a torchrun launch: rank 0 wrote and reports
+    if not distributed.is_main():  # another process of a torchrun launch: rank 0 wrote and reports
         return
     print(f"wrote {run.out}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics[-1].items()
                                            if k.endswith("acc") or k.startswith("acc_")))

@@ -203,6 +203,10 @@ def build_run(o: PretrainOptions, train_split: Split, val_split: Split | None, o
               provenance: dict | None = None) -> Run:
     """The pretraining Run: online network, EMA target, optimiser, schedules and the step's loss."""
     check_options(o, len(train_split))
+    if o.micro_batches > 1:  # the keys of other passes would be missing from each pass's InfoNCE
+        raise ConfigError("--micro_batches must be 1 for rRCM pretraining: its InfoNCE losses contrast each "
+                          "image with the keys of the whole global batch, which a pass does not have; "
+                          "use more processes (torchrun) for a larger batch")
     if len(o.blur_prob) != 2 or len(o.solarize_prob) != 2 or len(o.blur_sigma) != 2:
         raise ConfigError("--blur_prob, --solarize_prob and --blur_sigma take exactly two values")
     c, h, w = train_split.images.shape[1:]
