@@ -22,7 +22,7 @@ from torch import nn
 
 from rcm import paths
 from rcm.errors import ConfigError
-from rcm.flops import flops_per_sample
+from rcm.flops import count_flops, flops_per_sample
 from rcm.options import resolve_device
 from rcm.precision import AMP, native_support, wrap
 from rcm.smoothing import Smooth
@@ -179,18 +179,6 @@ def _precision_text(args) -> str:
     parts += ["channels-last"] if args.channels_last else []
     parts += ["torch.compile"] if args.compile else []
     return ", ".join(parts)
-
-
-def count_flops(model: nn.Module, shape: tuple[int, ...]) -> float:
-    """FLOPs per sample of ``model`` on images of ``shape``, counted on a meta-device copy (shapes only:
-    no memory for activations, no arithmetic), or on the CPU where an operator has no meta kernel."""
-    import copy
-
-    try:
-        meta = copy.deepcopy(model).to("meta")
-        return flops_per_sample(meta, torch.zeros(shape, device="meta"))
-    except (NotImplementedError, RuntimeError):
-        return flops_per_sample(model, torch.rand(shape))
 
 
 def flops_report(args) -> dict:

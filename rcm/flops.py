@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -18,3 +20,13 @@ def flops_per_sample(model: nn.Module, example: torch.Tensor, batch: int = 2) ->
     with counter:
         model(example.unsqueeze(0).expand(batch, *example.shape).contiguous())
     return counter.get_total_flops() / batch
+
+
+def count_flops(model: nn.Module, shape: tuple[int, ...]) -> float:
+    """FLOPs per sample of ``model`` on images of ``shape``, counted on a meta-device copy (shapes only:
+    no memory for activations, no arithmetic), or on the CPU where an operator has no meta kernel."""
+    try:
+        meta = copy.deepcopy(model).to("meta")
+        return flops_per_sample(meta, torch.zeros(shape, device="meta"))
+    except (NotImplementedError, RuntimeError):
+        return flops_per_sample(model, torch.rand(shape))

@@ -66,16 +66,13 @@ def _options(cls, section: dict):
 
 def _imported(section: dict, sigma: float) -> tuple[str, str, str]:
     """(format, source, options) when the section imports the model at sigma, else ('', '', '')."""
-    from rcm.importers import denoiser_format, is_placeholder, noisy_sources
+    from rcm.importers import is_placeholder, noisy_sources
 
     if sigma > 0 and "pretrained_noisy" in section:
         source = noisy_sources(section["pretrained_noisy"]).get(paths.fmt_sigma(sigma), "")
     else:
         source = "" if is_placeholder(section.get("pretrained", "")) else section.get("pretrained", "")
-    fmt = section.get("pretrained_format", "")
-    if "beta_schedule" in section:          # the denoiser section: a folder defaults to diffusers
-        fmt = denoiser_format(fmt, source) if source else fmt
-    return (fmt, source, section.get("pretrained_options", "")) if source else ("", "", "")
+    return (section.get("pretrained_format", ""), source, section.get("pretrained_options", "")) if source else ("", "", "")
 
 
 def classifier(cfg: dict, sigma: float) -> tuple[nn.Module, str]:
@@ -103,11 +100,11 @@ def classifier(cfg: dict, sigma: float) -> tuple[nn.Module, str]:
                                   "is not there; put the model folder (or just its config.json) at that path")
             import json
 
+            from rcm.importers.library import hf_settings
             from rcm.models.library import HFClassifier
 
             hf = json.loads(config_file.read_text())
-            keep = {k: v for k, v in hf.items() if not k.startswith(("_", "architectures", "transformers_version"))}
-            model = HFClassifier(hf_config=keep, image_size=int(hf.get("image_size", 224)), mean=[0.5] * c,
+            model = HFClassifier(hf_config=hf_settings(hf), image_size=int(hf.get("image_size", 224)), mean=[0.5] * c,
                                  std=[0.5] * c)
             return model, f"transformers {hf.get('model_type')} at {model.config['image_size']} px"
         raise ConfigError(f"classifier: cannot build format '{fmt}' without its file")
@@ -126,8 +123,11 @@ def classifier(cfg: dict, sigma: float) -> tuple[nn.Module, str]:
 
 
 def denoiser(cfg: dict) -> tuple[nn.Module, str]:
+    from rcm.importers import denoiser_format
+
     c, size, _ = image_shape(cfg)
     fmt, source, text = _imported(cfg["denoiser"], 0.0)
+    fmt = denoiser_format(fmt, source) if source else fmt   # a folder defaults to diffusers
     if fmt in ("improved-diffusion", "guided-diffusion"):
         from rcm.importers import parse_options
         from rcm.importers.openai import GUIDED_DEFAULTS, IMPROVED_DEFAULTS, denoiser_config, parse_flags

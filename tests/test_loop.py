@@ -22,6 +22,19 @@ class Interrupt(Exception):
     pass
 
 
+def interrupt_at(run: Run, step: int, exc: type[BaseException] = Interrupt) -> Run:
+    """``run`` with its loss function raising ``exc`` when it reaches ``step`` (a kill mid-training)."""
+    inner = run.loss_fn
+
+    def dies(k, g):
+        if k == step:
+            raise exc
+        return inner(k, g)
+
+    run.loss_fn = dies
+    return run
+
+
 def make_run(out, *, fail_at: int | None = None, nan_at: int | None = None, steps: int = 10,
              calls: list | None = None) -> Run:
     """A run that touches every piece of state the loop must restore: BatchNorm buffers, dropout (global
@@ -151,21 +164,8 @@ def test_fp16_overflowing_steps_are_skipped_counted_and_resumed(tmp_path):
     assert counts == sorted(counts) and counts[-1] == skipped
 
     parts = tmp_path / "parts.pt"
-
-    class Stop(Exception):
-        pass
-
-    run = _amp_run(parts, "fp16", steps=10, loss_scale=100.0)
-    inner = run.loss_fn
-
-    def dies_at_5(step, g):
-        if step == 5:
-            raise Stop
-        return inner(step, g)
-
-    run.loss_fn = dies_at_5
-    with pytest.raises(Stop):
-        train(run)
+    with pytest.raises(Interrupt):
+        train(interrupt_at(_amp_run(parts, "fp16", steps=10, loss_scale=100.0), 5))
     assert load_checkpoint(resume_path(parts))["skipped_steps"] == counts[1]   # the state at step 4
     train(_amp_run(parts, "fp16", steps=10, loss_scale=100.0))
     resumed = load_checkpoint(parts)
@@ -176,17 +176,8 @@ def test_fp16_overflowing_steps_are_skipped_counted_and_resumed(tmp_path):
 
 def test_resuming_under_another_amp_is_refused(tmp_path):
     out = tmp_path / "m.pt"
-    run = _amp_run(out, "bf16", steps=4)
-    inner = run.loss_fn
-
-    def dies_at_3(step, g):
-        if step == 3:
-            raise Interrupt(step)
-        return inner(step, g)
-
-    run.loss_fn = dies_at_3
     with pytest.raises(Interrupt):
-        train(run)
+        train(interrupt_at(_amp_run(out, "bf16", steps=4), 3))
     with pytest.raises(TrainingError, match="amp=bf16"):
         train(_amp_run(out, "off", steps=4))
     assert resume_path(out).exists()                      # nothing lost

@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from rcm import presets
-from rcm.bench import count_flops
 from rcm.cli import main as cli
 from rcm.errors import ConfigError
-from rcm.flops import flops_per_sample
+from rcm.flops import count_flops, flops_per_sample
 
 REPO = Path(__file__).resolve().parents[1]
 

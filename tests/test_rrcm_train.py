@@ -12,6 +12,7 @@ from rcm.models import load_model
 from rcm.models.vit import RRCMNet, SigmaConditioned
 from rcm.train import rrcm_finetune, rrcm_pretrain
 from rcm.train.loop import metrics_path
+from test_loop import interrupt_at
 
 TINY_NET = ["--patch_size", "4", "--dim", "16", "--depth", "1", "--heads", "2",
             "--proj_hidden", "32", "--proj_dim", "16"]
@@ -132,15 +133,7 @@ def test_pretrain_resume_equals_uninterrupted(tmp_path):
     train(full)
 
     out = tmp_path / "cut.pt"
-    cut = rrcm_pretrain.build_run(opts, tiny_split(), None, out)
-    inner = cut.loss_fn
-
-    def crash_at_3(step, g):
-        if step == 3:
-            raise KeyboardInterrupt
-        return inner(step, g)
-
-    cut.loss_fn = crash_at_3
+    cut = interrupt_at(rrcm_pretrain.build_run(opts, tiny_split(), None, out), 3, KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
         train(cut)
     assert resume_path(out).exists() and not out.exists()

@@ -102,6 +102,12 @@ def read_timm(src, options: dict):
                                                                      "crop_pct", "num_classes") if k in cfg}}
 
 
+def hf_settings(config: dict) -> dict:
+    """A transformers config dict without its bookkeeping keys: what rebuilds the network."""
+    return {k: v for k, v in config.items()
+            if k not in ("transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype")}
+
+
 def read_hf(src, options: dict):
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
@@ -127,10 +133,7 @@ def read_hf(src, options: dict):
     side = options.get("image_size") or size.get("height") or size.get("shortest_edge") or getattr(config, "image_size", None)
     if not side:
         raise ConfigError(f"{src}: the image processor gives no input size; pass --image_size")
-    settings = config.to_dict()
-    for key in ("transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype"):
-        settings.pop(key, None)
-    model = HFClassifier(hf_config=settings, image_size=int(side),
+    model = HFClassifier(hf_config=hf_settings(config.to_dict()), image_size=int(side),
                          mean=options.get("mean") or processor.image_mean, std=options.get("std") or processor.image_std,
                          interpolation=options.get("interpolation") or "bicubic")
     from rcm.importers import load_state_into

@@ -114,7 +114,6 @@ class _Precision:
 
     def __init__(self, run: Run):
         amp_dtype(run.amp)
-        self.amp = run.amp
         self.device = next(run.model.parameters()).device
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=run.amp == "fp16")
         self.skipped = 0
