@@ -34,10 +34,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rcm", description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (the workflow passes each job's thread count)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes decoding a streamed data set (ImageNet) for training and evaluation "
+                             "(default: this process's CPUs less one, at most 8; 0: decode in the main process)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--threads", type=int, default=argparse.SUPPRESS, help="torch intra-op threads")
+        p.add_argument("--workers", type=int, default=argparse.SUPPRESS, help="decoding processes (see rcm --help)")
         p.set_defaults(_module=module, _name=name)
         if name == command:
             importlib.import_module(module).add_arguments(p)
@@ -56,6 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.workers is not None:
+        if args.workers < 0:
+            print(f"rcm: error: --workers must be >= 0, got {args.workers}", file=sys.stderr)
+            return 2
+        from rcm import loader
+
+        loader.WORKERS = args.workers
     from rcm import distributed
 
     if distributed.launched() and args._name not in DISTRIBUTED:

@@ -1,13 +1,25 @@
 """Datasets: the embedded default (scikit-learn digits), CIFAR-10 and ImageNet.
 
-Every split is a float tensor of images in [0, 1], shape (N, C, H, W), with int64 labels. The
-``prepare`` stage writes the splits as ``{split}.pt`` files (uint8 pixels, a scale, labels and the
-index of each image in its source split) and a manifest with sizes and checksums:
+Every split holds images in [0, 1], shape (N, C, H, W), with int64 labels. The ``prepare`` stage
+writes three splits as ``{split}.pt`` files and a manifest with sizes and checksums:
 
 - ``val``: a seeded, class-stratified share of the source's training split (``val_fraction``), the
   only images any training-time evaluation or monitor looks at;
 - ``train``: the rest of the source's training split;
-- ``test``: the source's test split (ImageNet: the validation subset), read only by certification.
+- ``test``: the source's test split (ImageNet: the certification subset of the validation set), read
+  only by certification.
+
+Digits and CIFAR-10 are small: their splits hold the pixels (uint8, a scale, labels and the index of
+each image in its source split; a ``Split``). ImageNet's train and val splits are *file lists* (a
+``FileSplit``: the data root, each image's path under it, its label, and the class names): no pixel
+of the training set is decoded by ``prepare``, and training decodes each batch's images as it needs
+them, in DataLoader workers (``rcm.loader``). Its test split, the certification subset (every
+``skip``-th validation image, at most ``max_images``), holds pixels, and the manifest records the
+source file and SHA-256 of each of its images.
+
+``prepare`` runs in two parts that the workflow schedules as two jobs: ``test`` (test.pt and
+manifest.json) and ``train`` (train.pt, val.pt and train_manifest.json). When every model is
+imported, nothing needs the train part, and ImageNet's training folder is never read.
 
 Certification takes every ``skip``-th test image up to ``max`` images; the ``idx`` in a certificate
 is the index in the test split.
@@ -17,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,14 +54,23 @@ class Split:
     indices: torch.Tensor  # (N,) int64, the index of each image in its original split
     scale: float
     num_classes: int
+    sources: list[str] | None = None  # ImageNet's test split: each image's file under the data root
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every image."""
+        return tuple(self.images.shape[1:])
 
     def float_images(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
         """Images as float in [0, 1]; (N, C, H, W)."""
         x = self.images if rows is None else self.images[rows]
         return x.float() / self.scale
+
+    def subset(self, rows: torch.Tensor) -> Split:
+        return Split(self.images[rows], self.labels[rows], self.indices[rows], self.scale, self.num_classes)
 
     def certification_rows(self, skip: int, max_images: int | None) -> torch.Tensor:
         """Rows of every ``skip``-th image of the original split, at most ``max_images`` of them."""
@@ -56,6 +78,75 @@ class Split:
             raise DatasetError(f"skip must be >= 1, got {skip}")
         rows = torch.nonzero(self.indices % skip == 0).flatten()
         return rows if max_images is None else rows[:max_images]
+
+
+@dataclass
+class FileSplit:
+    """A split streamed from image files: ``root / files[i]`` is image i, decoded by ``decode``.
+
+    What it holds grows with the split only by a path and a label per image (about 100 bytes), never
+    by pixels. ``float_images`` decodes the rows asked for, in this process; training and evaluation
+    go through ``rcm.loader``, which decodes in DataLoader workers.
+    """
+
+    root: str
+    files: list[str]       # paths relative to root, e.g. 'train/n01440764/n01440764_10026.JPEG'
+    labels: torch.Tensor   # (N,) int64
+    indices: torch.Tensor  # (N,) int64, the index of each image in its folder's sorted listing
+    classes: list[str]     # class (folder) names; label c is classes[c]
+    image_size: int
+    scale: float = 255.0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (3, self.image_size, self.image_size)
+
+    def decode(self, row: int) -> torch.Tensor:
+        """Image ``row`` as uint8 (3, image_size, image_size): the ImageNet protocol's resize and crop."""
+        path = Path(self.root) / self.files[row]
+        try:
+            return imagenet_transform(self.image_size)(_open_rgb(path))
+        except FileNotFoundError:
+            raise DatasetError(f"{path} is missing: it was listed by `rcm prepare`; prepare again if the "
+                               "data set moved or changed") from None
+        except OSError as exc:
+            raise DatasetError(f"{path} cannot be decoded: {exc}") from exc
+
+    def float_images(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        wanted = range(len(self))[rows] if isinstance(rows, slice) else \
+            range(len(self)) if rows is None else torch.as_tensor(rows).reshape(-1).tolist()
+        if not len(wanted):
+            return torch.zeros((0, *self.shape))
+        return torch.stack([self.decode(int(r)) for r in wanted]).float() / self.scale
+
+    def subset(self, rows: torch.Tensor) -> FileSplit:
+        keep = rows.tolist()
+        return FileSplit(self.root, [self.files[r] for r in keep], self.labels[rows], self.indices[rows],
+                         self.classes, self.image_size, self.scale)
+
+
+def imagenet_transform(image_size: int):
+    """Resize the shorter side to image_size * 256 / 224, centre-crop image_size, uint8 (C, H, W):
+    Resize(256), CenterCrop(224) at the papers' 224."""
+    from torchvision import transforms
+
+    return transforms.Compose([transforms.Resize(round(image_size * 256 / 224)),
+                               transforms.CenterCrop(image_size), transforms.PILToTensor()])
+
+
+def _open_rgb(path: Path):
+    """An image file as an RGB PIL image (torchvision's ImageFolder loader: grey and CMYK converted)."""
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        return Image.open(f).convert("RGB")
 
 
 # ----------------------------------------------------------------------------- loading raw data
@@ -92,7 +183,8 @@ def _cifar10(root: Path, split: str, download: bool, verify_checksums: bool) -> 
 
     base = root / "cifar-10-batches-py"
     try:
-        ds = _Cifar(str(root), train=(split == "train"), download=download)
+        with _download_lock(root, download):  # the two prepare jobs may start at once
+            ds = _Cifar(str(root), train=(split == "train"), download=download)
     except RuntimeError as exc:
         raise DatasetError(
             f"CIFAR-10 not found or corrupted under {root}: expected {base}/ holding "
@@ -106,44 +198,95 @@ def _cifar10(root: Path, split: str, download: bool, verify_checksums: bool) -> 
     return Split(images, labels, torch.arange(len(labels)), 255.0, 10)
 
 
-def _imagenet(root: Path, split: str, image_size: int, skip: int = 1,
-              max_images: int | None = None) -> Split:
-    """A class-per-folder directory (``root/train``, ``root/val``) as torchvision's ImageFolder reads it.
+@contextmanager
+def _download_lock(root: Path, download: bool):
+    """An exclusive lock on ``root`` while torchvision may download into it."""
+    if not download:
+        yield
+        return
+    import fcntl
 
-    Images are resized (shorter side image_size * 256/224) and centre-cropped to image_size. For the
-    validation split only every ``skip``-th image (at most ``max_images``) is decoded, so preparing
-    the 500-image certification subset of the 50 000-image validation set does not decode the rest.
-    """
-    from torchvision import transforms
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".rcm-download.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _imagenet_folder(root: Path, split: str) -> tuple[Path, object]:
+    """(folder, torchvision ImageFolder) of one split: a listing of the class-per-folder tree, nothing decoded."""
     from torchvision.datasets import ImageFolder
 
     folder = root / ("train" if split == "train" else "val")
     if not folder.is_dir():
         raise DatasetError(f"ImageNet split not found: expected a class-per-folder directory {folder} "
                            f"(e.g. {folder}/n01440764/*.JPEG)")
-    tf = transforms.Compose([transforms.Resize(round(image_size * 256 / 224)),
-                             transforms.CenterCrop(image_size), transforms.PILToTensor()])
     try:
-        ds = ImageFolder(str(folder), transform=tf)
+        return folder, ImageFolder(str(folder))
     except (FileNotFoundError, RuntimeError) as exc:
         raise DatasetError(f"{folder} is not a class-per-folder image directory: {exc}") from exc
-    wanted = range(len(ds)) if split == "train" else range(0, len(ds), skip)[:max_images]
-    images, labels = [], []
-    for r in wanted:  # decoding is per file by nature; this is data preparation, not a hot path
-        img, label = ds[r]
-        images.append(img.expand(3, -1, -1) if img.shape[0] == 1 else img)
-        labels.append(label)
-    if not images:
+
+
+def _imagenet_classes(root: Path, split: str) -> list[str]:
+    """The class folders of one split, sorted (ImageFolder's labels), without listing their files."""
+    from torchvision.datasets.folder import find_classes
+
+    folder = root / ("train" if split == "train" else "val")
+    if not folder.is_dir():
+        raise DatasetError(f"ImageNet split not found: expected a class-per-folder directory {folder} "
+                           f"(e.g. {folder}/n01440764/*.JPEG)")
+    try:
+        return find_classes(str(folder))[0]
+    except FileNotFoundError as exc:
+        raise DatasetError(f"{folder} is not a class-per-folder image directory: {exc}") from exc
+
+
+def check_same_classes(train: list[str], val: list[str], root: Path) -> None:
+    """Labels are indices into the sorted class folders: train/ and val/ must hold the same classes."""
+    if train == val:
+        return
+    only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+
+    def some(names):
+        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise DatasetError(
+        f"{root}/train and {root}/val hold different classes ({len(train)} and {len(val)} folders), so a "
+        f"label would name another class in each: "
+        + "; ".join(part for part in (f"only in train/: {some(only_train)}" if only_train else "",
+                                      f"only in val/: {some(only_val)}" if only_val else "") if part))
+
+
+def _imagenet_train(root: Path, image_size: int) -> FileSplit:
+    """The training split as a file list (nothing decoded); its classes must be val/'s."""
+    folder, listing = _imagenet_folder(root, "train")
+    check_same_classes(listing.classes, _imagenet_classes(root, "val"), root)
+    if not listing.samples:
         raise DatasetError(f"no images found under {folder}")
-    return Split(torch.stack(images), torch.tensor(labels), torch.tensor(list(wanted)), 255.0,
-                 len(ds.classes))
+    files = [str(Path(path).relative_to(root)) for path, _ in listing.samples]
+    labels = torch.tensor([label for _, label in listing.samples], dtype=torch.long)
+    return FileSplit(str(root.resolve()), files, labels, torch.arange(len(files)), list(listing.classes),
+                     image_size)
+
+
+def _imagenet_test(root: Path, image_size: int, skip: int = 1, max_images: int | None = None) -> Split:
+    """The certification subset of the validation split, decoded: every ``skip``-th image, at most
+    ``max_images`` (the other images of val/ are listed, never read); ``sources`` names each row's file."""
+    folder, listing = _imagenet_folder(root, "test")
+    wanted = range(0, len(listing.samples), skip)[:max_images]
+    streamed = FileSplit(str(root.resolve()), [str(Path(p).relative_to(root)) for p, _ in listing.samples],
+                         torch.tensor([c for _, c in listing.samples], dtype=torch.long),
+                         torch.arange(len(listing.samples)), list(listing.classes), image_size)
+    if not len(wanted):
+        raise DatasetError(f"no images found under {folder}")
+    images = torch.stack([streamed.decode(r) for r in wanted])
+    return Split(images, streamed.labels[list(wanted)], torch.tensor(list(wanted)), 255.0, len(listing.classes),
+                 sources=[streamed.files[r] for r in wanted])
 
 
 def load_raw(dataset: str, split: str, *, root: str | Path | None = None, download: bool = False,
              verify_checksums: bool = True, image_size: int = 224, skip: int = 1,
-             max_images: int | None = None) -> Split:
-    """Load one split straight from its source. ImageNet's test split keeps only the
-    certification subset (every ``skip``-th image, at most ``max_images``)."""
+             max_images: int | None = None) -> Split | FileSplit:
+    """Load one split straight from its source. ImageNet's train split is a file list; its test split
+    keeps only the certification subset (every ``skip``-th image, at most ``max_images``)."""
     if dataset not in DATASETS:
         raise DatasetError(f"unknown dataset '{dataset}' (known: {', '.join(DATASETS)})")
     if split not in ("train", "test"):
@@ -157,12 +300,15 @@ def load_raw(dataset: str, split: str, *, root: str | Path | None = None, downlo
         raise DatasetError(f"dataset root {root} does not exist (dataset '{dataset}')")
     if dataset == "cifar10":
         return _cifar10(root, split, download, verify_checksums)
-    return _imagenet(root, split, image_size, skip, max_images)
+    if split == "train":
+        return _imagenet_train(root, image_size)
+    return _imagenet_test(root, image_size, skip, max_images)
 
 
-def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+def carve_validation(train: Split | FileSplit, fraction: float, seed: int):
     """(train without the validation images, validation): per class, a seeded random
-    ``round(fraction * n_c)`` of its n_c images, so the validation set keeps the class balance."""
+    ``round(fraction * n_c)`` of its n_c images, so the validation set keeps the class balance.
+    Only the labels are read: a file list is carved without decoding an image."""
     if not 0 < fraction < 1:
         raise DatasetError(f"val_fraction must be in (0, 1), got {fraction}")
     gen = torch.Generator().manual_seed(seed)
@@ -177,29 +323,40 @@ def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, S
                            f"{len(val_rows)} for validation: choose a fraction that keeps both non-empty")
     keep = torch.ones(len(train), dtype=torch.bool)
     keep[val_rows] = False
-
-    def part(rows):
-        return Split(train.images[rows], train.labels[rows], train.indices[rows], train.scale, train.num_classes)
-    return part(torch.nonzero(keep).flatten()), part(val_rows)
+    return train.subset(torch.nonzero(keep).flatten()), train.subset(val_rows)
 
 
 # ----------------------------------------------------------------------------- prepared files
 
-def save_split(split: Split, path: Path) -> None:
+def save_split(split: Split | FileSplit, path: Path) -> None:
+    if isinstance(split, FileSplit):
+        record = {"format": "files", "root": split.root, "files": split.files, "labels": split.labels,
+                  "indices": split.indices, "classes": split.classes, "image_size": split.image_size,
+                  "scale": split.scale}
+    else:
+        record = {"images": split.images, "labels": split.labels, "indices": split.indices,
+                  "scale": split.scale, "num_classes": split.num_classes}
     with atomic_path(path) as tmp:
-        torch.save({"images": split.images, "labels": split.labels, "indices": split.indices,
-                    "scale": split.scale, "num_classes": split.num_classes}, tmp)
+        torch.save(record, tmp)
 
 
-def load_split(path: str | Path) -> Split:
+def load_split(path: str | Path) -> Split | FileSplit:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"prepared data not found: {path} (run `rcm prepare` first)")
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
-        return Split(d["images"], d["labels"], d["indices"], float(d["scale"]), int(d["num_classes"]))
+        if d.get("format") == "files":
+            split = FileSplit(d["root"], list(d["files"]), d["labels"], d["indices"], list(d["classes"]),
+                              int(d["image_size"]), float(d["scale"]))
+        else:
+            return Split(d["images"], d["labels"], d["indices"], float(d["scale"]), int(d["num_classes"]))
     except Exception as exc:
         raise DatasetError(f"prepared data {path} is unreadable: {type(exc).__name__}: {exc}") from exc
+    if not Path(split.root).is_dir():
+        raise DatasetError(f"{path} lists images under {split.root}, which does not exist (moved? "
+                           "prepare again with data.root where the images are now)")
+    return split
 
 
 def _sha256(path: Path) -> str:
@@ -210,22 +367,57 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+PARTS = {"test": ("test",), "train": ("train", "val")}
+# the source settings each part reads (a change to another one leaves that part's files as they are)
+PART_SOURCE = {"test": ("root", "download", "verify_checksums", "image_size", "skip", "max_images"),
+               "train": ("root", "download", "verify_checksums", "image_size")}
+
+
+def _describe(split: Split | FileSplit, target: Path) -> dict:
+    entry = {"size": len(split), "shape": list(split.shape), "file": target.name, "sha256": _sha256(target)}
+    if isinstance(split, FileSplit):
+        entry["streamed"] = f"a list of {len(split)} image files under {split.root}, decoded as training reads them"
+    return entry
+
+
 def prepare(dataset: str, out_root: str | Path, val_fraction: float = 0.1, val_seed: int = 0,
-            **source) -> dict:
-    """Write train.pt, val.pt, test.pt and manifest.json for ``dataset`` under ``out_root`` (val:
-    ``carve_validation`` of the source's training split); return the manifest."""
-    src = {k: (str(v) if isinstance(v, Path) else v) for k, v in source.items()}
-    manifest = {"dataset": dataset, "source": src, "validation": {"fraction": val_fraction, "seed": val_seed},
-                "splits": {}}
-    train, val = carve_validation(load_raw(dataset, "train", **source), val_fraction, val_seed)
-    for split, data in (("train", train), ("val", val), ("test", None)):
-        data = load_raw(dataset, "test", **source) if data is None else data
-        target = paths.prepared(out_root, dataset, split)
+            part: str = "all", **source) -> dict:
+    """Write one part of the prepared data under ``out_root`` and return its manifest:
+
+    - ``test``: test.pt and manifest.json (ImageNet: the certification subset, with each image's source
+      file and SHA-256);
+    - ``train``: train.pt, val.pt (``carve_validation`` of the source's training split) and
+      train_manifest.json;
+    - ``all``: both (their manifests merged in the returned dict).
+    """
+    if part == "all":
+        test = prepare(dataset, out_root, val_fraction, val_seed, "test", **source)
+        train = prepare(dataset, out_root, val_fraction, val_seed, "train", **source)
+        return {**test, **train, "splits": {**train["splits"], **test["splits"]}}
+    if part not in PARTS:
+        raise DatasetError(f"unknown part '{part}' (test, train or all)")
+    src = {k: (str(v) if isinstance(v, Path) else v) for k, v in source.items() if k in PART_SOURCE[part]}
+    manifest: dict = {"dataset": dataset, "source": src, "splits": {}}
+    if part == "train":
+        manifest["validation"] = {"fraction": val_fraction, "seed": val_seed}
+        splits = dict(zip(("train", "val"),
+                          carve_validation(load_raw(dataset, "train", **source), val_fraction, val_seed)))
+    else:
+        splits = {"test": load_raw(dataset, "test", **source)}
+    for name, data in splits.items():
+        target = paths.prepared(out_root, dataset, name)
         save_split(data, target)
-        manifest["splits"][split] = {"size": len(data), "shape": list(data.images.shape[1:]),
-                                     "file": target.name, "sha256": _sha256(target)}
+        manifest["splits"][name] = _describe(data, target)
         manifest["num_classes"] = data.num_classes
-    write_text(paths.manifest(out_root, dataset), json.dumps(manifest, indent=2) + "\n")
+        if isinstance(data, FileSplit):
+            manifest["classes"] = data.classes
+    test = splits.get("test")
+    if test is not None and test.sources is not None:  # ImageNet: where each certified image comes from
+        root = Path(source["root"])
+        manifest["certification"] = [{"idx": int(i), "file": f, "label": int(y), "sha256": _sha256(root / f)}
+                                     for i, f, y in zip(test.indices, test.sources, test.labels)]
+    out = paths.manifest(out_root, dataset) if part == "test" else paths.train_manifest(out_root, dataset)
+    write_text(out, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
@@ -248,13 +440,16 @@ class PrepareOptions:
 
 def add_arguments(p) -> None:
     add_stage_options(p, PrepareOptions)
+    p.add_argument("--part", choices=["all", *PARTS], default="all",
+                   help="test: the certification split (test.pt, manifest.json); train: the training and "
+                        "validation splits (train.pt, val.pt, train_manifest.json); all: both (default)")
 
 
 def main(args) -> None:
     o = from_args(PrepareOptions, args)
     source = {"root": o.root or None, "download": o.download, "verify_checksums": not o.unverified,
               "image_size": o.image_size, "skip": o.skip, "max_images": o.max_images or None}
-    manifest = prepare(args.dataset, args.results, o.val_fraction, o.val_seed, **source)
+    manifest = prepare(args.dataset, args.results, o.val_fraction, o.val_seed, args.part, **source)
     sizes = {k: v["size"] for k, v in manifest["splits"].items()}
     print(f"prepared {args.dataset}: {sizes}, {manifest['num_classes']} classes -> "
           f"{paths.data_dir(args.results, args.dataset)}")

@@ -35,12 +35,18 @@ def data_dir(root: str | Path, dataset: str) -> Path:
 
 
 def prepared(root: str | Path, dataset: str, split: str) -> Path:
-    """Prepared tensors of one split: 'train', 'val' (held out of train) or 'test' (certification only)."""
+    """One prepared split: 'train', 'val' (held out of train) or 'test' (certification only)."""
     return data_dir(root, dataset) / f"{split}.pt"
 
 
 def manifest(root: str | Path, dataset: str) -> Path:
+    """The test split's manifest (``rcm prepare --part test``)."""
     return data_dir(root, dataset) / "manifest.json"
+
+
+def train_manifest(root: str | Path, dataset: str) -> Path:
+    """The train and val splits' manifest (``rcm prepare --part train``)."""
+    return data_dir(root, dataset) / "train_manifest.json"
 
 
 def model_dir(root: str | Path, dataset: str) -> Path:

@@ -27,8 +27,11 @@ def test_digits_split_is_deterministic_stratified_and_in_unit_range():
 
 def test_prepare_writes_splits_and_manifest(tmp_path):
     manifest = prepare("digits", tmp_path)
-    on_disk = json.loads(paths.manifest(tmp_path, "digits").read_text())
-    assert on_disk == manifest and manifest["num_classes"] == 10
+    test_part = json.loads(paths.manifest(tmp_path, "digits").read_text())
+    train_part = json.loads(paths.train_manifest(tmp_path, "digits").read_text())
+    assert set(test_part["splits"]) == {"test"} and set(train_part["splits"]) == {"train", "val"}
+    assert manifest == {**test_part, **train_part, "splits": {**train_part["splits"], **test_part["splits"]}}
+    assert manifest["num_classes"] == 10 and "skip" not in train_part["source"]
     assert manifest["splits"]["test"]["size"] == 360 and len(manifest["splits"]["train"]["sha256"]) == 64
     test = load_split(paths.prepared(tmp_path, "digits", "test"))
     assert torch.equal(test.images, load_raw("digits", "test").images)

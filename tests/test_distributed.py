@@ -63,7 +63,8 @@ def _max_difference(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
 
 
-@pytest.mark.parametrize("stage", list(STAGES))
+# the denoiser's launch is the streamed one below (ImageNet files): one torchrun launch per stage
+@pytest.mark.parametrize("stage", [s for s in STAGES if s != "train-denoiser"])
 def test_two_processes_train_what_one_trains(single, tmp_path, stage):
     argv, out = STAGES[stage]
     root = tmp_path / "two"
@@ -81,6 +82,30 @@ def test_two_processes_train_what_one_trains(single, tmp_path, stage):
         assert two["metrics"][0]["loss"] == pytest.approx(one["metrics"][0]["loss"], rel=1e-5)
     else:  # per-process BatchNorm statistics on CPUs: trained, not equal
         assert _max_difference(one["model"], two["model"]) > 0
+
+
+def test_two_processes_stream_imagenet_files_as_one_process_does(tmp_path, monkeypatch):
+    """ImageNet from a tree of JPEGs, decoded in a DataLoader worker per process: each of two processes
+    decodes only its half of every global batch (the other half stays zero and never reaches its loss),
+    and the denoiser ends where one process's does, within the tolerance above."""
+    from trees import write_tree
+
+    from rcm import loader
+
+    monkeypatch.setattr(loader, "WORKERS", None)  # restored after cli.main's --workers
+    tree = write_tree(tmp_path / "imagenet", per_class=8)
+    one, two = tmp_path / "one", tmp_path / "two"
+    for root in (one, two):
+        prepare("imagenet", root, part="train", root=tree, image_size=16, val_fraction=0.25)
+    argv, _ = STAGES["train-denoiser"]
+    argv = [argv[0], "--dataset", "imagenet", "--workers", "1", *argv[1:]]
+    assert cli.main([argv[0], "--results", str(one), *argv[1:]]) == 0
+    r = _torchrun(two, argv)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    a, b = load_checkpoint(paths.denoiser(one, "imagenet")), load_checkpoint(paths.denoiser(two, "imagenet"))
+    assert _max_difference(a["model"], b["model"]) < 1e-5
+    assert b["metrics"][0]["loss"] == pytest.approx(a["metrics"][0]["loss"], rel=1e-5)
+    assert b["metrics"][0]["mse_sigma_0.5"] == pytest.approx(a["metrics"][0]["mse_sigma_0.5"], rel=1e-5)
 
 
 def test_the_tolerance_is_far_below_what_a_different_run_changes(single, tmp_path):

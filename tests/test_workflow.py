@@ -65,7 +65,9 @@ REPORT_FILES = {"certified_accuracy.csv", "certified_accuracy.md", "certified_ac
 # path must not count as changed params and rerun everything.
 ACCEPTED_LINTS = ("Specify a conda environment or container", "Param results is a prefix",
                   "Shell command directly uses variable RCM from outside of the rule",
-                  "Shell command directly uses variable LAUNCH from outside of the rule")
+                  "Shell command directly uses variable LAUNCH from outside of the rule",
+                  # deliberate: the prepare jobs' params are the data keys each reads (workflow/rules/prepare.smk)
+                  "Shell command directly uses variable DATA_FLAGS from outside of the rule")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -371,7 +373,8 @@ def test_dag_shape_of_the_default_config(fresh):
     jobs = dry_run(fresh)
     count = lambda rule: sum(j.rule == rule for j in jobs)  # noqa: E731
     n_sig, n_shards = len(cfg["sigmas"]), cfg["certify"]["shards"]
-    assert (count("prepare"), count("train_denoiser"), count("finetune_denoiser"), count("pretrain_rrcm")) == (1, 1, 1, 1)
+    assert (count("prepare"), count("prepare_train"), count("train_denoiser"), count("finetune_denoiser"),
+            count("pretrain_rrcm")) == (1, 1, 1, 1, 1)
     assert count("train_classifier") == n_sig + 1 and count("finetune_rrcm") == n_sig
     assert count("certify") == len(cfg["methods"]) * n_sig * n_shards
     assert count("certify_cascade") == len(cfg["cascades"]) * n_shards
@@ -446,7 +449,7 @@ def test_sequential_methods_are_certified_beside_or_instead_of_fixed_n(fresh, tm
             tokens = rcm_tokens(job.shell)
             assert "--sequential" in tokens and parse_rcm(tokens).radii == cfg["sequential"]["radii"]
     if not methods:  # rrcm alone: nothing of the denoiser or classifier families runs
-        assert {j.rule for j in jobs} == {"prepare", "pretrain_rrcm", "finetune_rrcm",
+        assert {j.rule for j in jobs} == {"prepare", "prepare_train", "pretrain_rrcm", "finetune_rrcm",
                                           "certify_sequential", "report"}
 
 
@@ -808,6 +811,12 @@ def test_config_overrides_rerun_only_what_depends_on_them(tiny_run):
     assert [j.rule for j in jobs] == ["report"]
     certificates = [f for f in jobs[0].inputs if f.endswith(".tsv")]
     assert len(certificates) == (4 + 1) * 2 and all("/sigma_0.25" in f for f in certificates)
+    # a data key reprepares only the part that reads it: the test split's `skip` retrains nothing...
+    jobs = dry_run(tiny_run.path, "--config", 'data={"skip": 2}')
+    assert {j.rule for j in jobs} == {"prepare", "certify", "certify_cascade", "certify_sequential", "report"}
+    # ...and the training splits' `val_fraction` trains again, on the same test split
+    rules = {j.rule for j in dry_run(tiny_run.path, "--config", 'data={"val_fraction": 0.2}')}
+    assert "prepare_train" in rules and "train_classifier" in rules and "prepare" not in rules
 
 
 @pytest.mark.slow

@@ -159,9 +159,8 @@ def test_presets_validate_and_name_each_missing_file(tmp_path, preset):
     repo = make_copy(tmp_path / "repo", config=None)
     args = ["--configfile", base, preset]
     cfg = yaml.safe_load((repo / preset).read_text())
-    if "imagenet" in base:
-        for split in ("train", "val"):
-            (tmp_path / "imagenet" / split).mkdir(parents=True)
+    if "imagenet" in base:  # val/ only: with every model imported nothing trains, and train/ is never read
+        (tmp_path / "imagenet" / "val").mkdir(parents=True)
         (tmp_path / "root.yaml").write_text(yaml.safe_dump({"data": {"root": str(tmp_path / "imagenet")}}))
         args.append(str(tmp_path / "root.yaml"))
     sources = []
@@ -180,3 +179,8 @@ def test_presets_validate_and_name_each_missing_file(tmp_path, preset):
     rules = {j.rule for j in dry_run(repo, *args)}
     assert not rules & trained_otherwise, rules
     assert {r.replace("train_", "import_") for r in trained_otherwise} <= rules
+    if "imagenet" in base:
+        assert "prepare_train" not in rules, rules
+        # a method that trains needs the training folder, and says so before any job
+        r = snakemake(repo, "-n", *args, "--config", "methods=[dds,gaussian]")
+        assert r.returncode != 0 and f"'{tmp_path / 'imagenet' / 'train'}', which does not exist" in r.stdout + r.stderr

@@ -26,10 +26,11 @@ def import_instead(source: str, fmt: str, options: str, out: Path, role: str, da
         return True
     if not Path(source).exists():
         raise ConfigError(f"pretrained '{source}' does not exist")
-    val = load_split(paths.prepared(results, dataset, "val"))
+    # the certification split: what the model will be given, and all `rcm prepare --part test` writes
+    test = load_split(paths.prepared(results, dataset, "test"))
     model = import_for_stage(source, fmt, options, out, role, schedule=schedule)
     try:
-        check_fits(model, val, role, source)
+        check_fits(model, test, role, source)
     except ConfigError:
         Path(out).unlink(missing_ok=True)
         raise
@@ -38,7 +39,7 @@ def import_instead(source: str, fmt: str, options: str, out: Path, role: str, da
 
 @torch.no_grad()
 def check_fits(model: torch.nn.Module, split, role: str, source: str) -> None:
-    """One forward pass on two validation images: channels, size and classes must fit the data."""
+    """One forward pass on two of the split's images: channels, size and classes must fit the data."""
     x = split.float_images(torch.arange(min(2, len(split))))         # (2, C, H, W) in [0, 1]
     c, h = x.shape[1], x.shape[-1]
     config = getattr(model, "config", {})

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 import torch
 
 from rcm import distributed, paths
-from rcm.data import load_split
+from rcm.data import FileSplit, Split, load_split
 from rcm.distributed import local
 from rcm.errors import ConfigError
 from rcm.importers import PLACEHOLDER
 from rcm.models.denoiser import Denoiser
 from rcm.options import add_stage_options, from_args, option, resolve_device
-from rcm.train.loop import Run, batch_rows, train
+from rcm.loader import TrainBatches, eval_batches
+from rcm.train.loop import Run, train
 
 
 @dataclass
@@ -83,25 +84,25 @@ def build(opts: DenoiserOptions, image_size: int, channels: int) -> Denoiser:
 
 
 @torch.inference_mode()
-def one_shot_mse(model: Denoiser, images: torch.Tensor, sigmas: list[float], seed: int,
+def one_shot_mse(model: Denoiser, split: Split | FileSplit, sigmas: list[float], seed: int,
                  device: torch.device, batch_size: int = 500) -> dict[str, float]:
-    """{'mse_sigma_0.25': ...}: mean squared error of one-shot denoising, [0, 1] pixel units, seeded noise."""
-    out = {}
-    for s in sigmas:
-        g, total = torch.Generator().manual_seed(seed), 0.0
-        for start in range(0, len(images), batch_size):
-            x = images[start:start + batch_size]
+    """{'mse_sigma_0.25': ...}: mean squared error of one-shot denoising, [0, 1] pixel units, seeded noise
+    (one generator per sigma); the images are read once, batch by batch."""
+    generators = [torch.Generator().manual_seed(seed) for _ in sigmas]
+    totals, count = [0.0] * len(sigmas), 0
+    for x, _ in eval_batches(split, batch_size=batch_size):
+        for i, (s, g) in enumerate(zip(sigmas, generators)):
             x_hat = model.denoise_one_shot((x + s * torch.randn(x.shape, generator=g)).to(device), s)
-            total += ((x_hat.cpu() - x) ** 2).mean(dim=(1, 2, 3)).sum().item()
-        out[f"mse_sigma_{paths.fmt_sigma(s)}"] = total / max(1, len(images))
-    return out
+            totals[i] += ((x_hat.cpu() - x) ** 2).mean(dim=(1, 2, 3)).sum().item()
+        count += len(x)
+    return {f"mse_sigma_{paths.fmt_sigma(s)}": t / max(1, count) for s, t in zip(sigmas, totals)}
 
 
 def make_run(opts: DenoiserOptions, dataset: str, results: str) -> Run:
     torch.manual_seed(opts.seed)
     train_set = load_split(paths.prepared(results, dataset, "train"))
-    val_images = load_split(paths.prepared(results, dataset, "val")).float_images()
-    _, C, H, W = train_set.images.shape
+    val_set = load_split(paths.prepared(results, dataset, "val"))
+    C, H, W = train_set.shape
     if H != W:
         raise ConfigError(f"the denoiser expects square images, got {H}x{W}")
     dev = resolve_device(opts.device)
@@ -110,14 +111,14 @@ def make_run(opts: DenoiserOptions, dataset: str, results: str) -> Run:
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / max(1, opts.warmup_steps)))
-    n, bs = len(train_set), min(opts.batch_size, len(train_set))
+    batches = TrainBatches(train_set, min(opts.batch_size, len(train_set)), opts.seed, dev)
 
     def loss_fn(step: int, g: torch.Generator):
-        x0 = 2.0 * train_set.float_images(batch_rows(n, bs, step, opts.seed)) - 1.0  # (B, C, H, W) in [-1, 1]
+        x0 = 2.0 * batches(step)[0] - 1.0                                    # (B, C, H, W) in [-1, 1]
         return model.loss(x0.to(dev), g, part=local), {}
 
     def eval_fn(m) -> dict:
-        return one_shot_mse(m, val_images, opts.eval_sigmas, opts.seed, dev)
+        return one_shot_mse(m, val_set, opts.eval_sigmas, opts.seed, dev)
 
     return Run(out=paths.denoiser(results, dataset), kind="denoiser", model=model, model_config=model.config,
                config={**dataclasses.asdict(opts), "dataset": dataset}, optimizer=optimizer, loss_fn=loss_fn,

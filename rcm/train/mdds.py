@@ -31,7 +31,8 @@ from rcm.models import load_model
 from rcm.models.denoiser import DenoisedClassifier, Denoiser
 from rcm.options import add_stage_options, from_args, option, resolve_device
 from rcm.train.evaluate import noisy_accuracies
-from rcm.train.loop import Run, batch_rows, train
+from rcm.loader import TrainBatches
+from rcm.train.loop import Run, train
 
 
 @dataclass
@@ -135,20 +136,18 @@ def make_run(opts: FinetuneDenoiserOptions, dataset: str, results: str) -> Run:
     train_set = load_split(paths.prepared(results, dataset, "train"))
     val_set = load_split(paths.prepared(results, dataset, "val"))
     optimizer = torch.optim.AdamW(denoiser.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
-    n, bs = len(train_set), min(opts.batch_size, len(train_set))
+    batches = TrainBatches(train_set, min(opts.batch_size, len(train_set)), opts.seed, dev)
 
     def loss_fn(step: int, g: torch.Generator):
-        rows = batch_rows(n, bs, step, opts.seed)
+        x, y = batches(step)
         sigma = opts.sigmas[int(torch.randint(len(opts.sigmas), (1,), generator=g))]
-        return objective(train_set.float_images(rows).to(dev), train_set.labels[rows].to(dev), sigma, g, local)
-
-    x_val, y_val = val_set.float_images(), val_set.labels
+        return objective(x.to(dev), y.to(dev), sigma, g, local)
 
     def eval_fn(m) -> dict:
         def make_predict(s):
             net = DenoisedClassifier(m, classifier, s)
             return lambda x: net(x.to(dev)).cpu()
-        return noisy_accuracies(make_predict, x_val, y_val, opts.sigmas, seed=opts.seed)
+        return noisy_accuracies(make_predict, val_set, opts.sigmas, seed=opts.seed)
 
     config = {**dataclasses.asdict(opts), "dataset": dataset, "base_denoiser": str(base_path),
               "base_denoiser_step": base["step"], "classifier": str(clf_path)}

@@ -19,14 +19,15 @@ import torch
 from torch import nn
 
 from rcm import distributed, paths
-from rcm.data import Split, load_split
+from rcm.data import FileSplit, Split, load_split
 from rcm.distributed import local
 from rcm.errors import ConfigError
 from rcm.models import load_model
 from rcm.models.vit import SigmaConditioned, classifier_from_encoder
 from rcm.options import add_stage_options, from_args, option, resolve_device
 from rcm.train.evaluate import noisy_accuracies
-from rcm.train.loop import Run, batch_rows, train
+from rcm.loader import TrainBatches
+from rcm.train.loop import Run, train
 from rcm.train.rrcm_losses import ConsistencyRegularization
 from rcm.train.rrcm_pretrain import check_options, param_groups, warmup_cosine
 
@@ -69,8 +70,8 @@ def consistency_weight(o: FinetuneOptions, sigma: float) -> float:
     return o.lambda_small if sigma <= o.lambda_switch else o.lambda_large
 
 
-def build_run(o: FinetuneOptions, sigma: float, pretrained: Path, train_split: Split,
-              val_split: Split | None, out: Path, provenance: dict | None = None) -> Run:
+def build_run(o: FinetuneOptions, sigma: float, pretrained: Path, train_split: Split | FileSplit,
+              val_split: Split | FileSplit | None, out: Path, provenance: dict | None = None) -> Run:
     """The fine-tuning Run at pixel-space noise level ``sigma``."""
     check_options(o, len(train_split))
     if sigma <= 0:
@@ -78,7 +79,7 @@ def build_run(o: FinetuneOptions, sigma: float, pretrained: Path, train_split: S
     if o.num_draws < 1:
         raise ConfigError(f"--num_draws must be >= 1, got {o.num_draws}")
     encoder, payload = load_model(pretrained, kind="rrcm", use_ema=o.from_target)
-    c, h, w = train_split.images.shape[1:]
+    c, h, w = train_split.shape
     if (encoder.config["in_channels"], encoder.config["image_size"]) != (c, h) or h != w:
         raise ConfigError(f"{pretrained} was pretrained on {encoder.config['in_channels']}x"
                           f"{encoder.config['image_size']}px images; this data is {c}x{h}x{w}")
@@ -92,11 +93,12 @@ def build_run(o: FinetuneOptions, sigma: float, pretrained: Path, train_split: S
     base = SigmaConditioned(model, sigma)                     # the classifier certification smooths
     loss = ConsistencyRegularization(consistency_weight(o, sigma), o.eta)
 
+    batches = TrainBatches(train_split, o.batch_size, o.seed, device)
+
     def loss_fn(step: int, g: torch.Generator):
-        rows = batch_rows(len(train_split), o.batch_size, step, o.seed)
-        x = train_split.float_images(rows)                     # (B, C, H, W) in [0, 1], as certified
+        x, y = batches(step)                                   # (B, C, H, W) in [0, 1], as certified
         noise = torch.randn((o.num_draws, *x.shape), generator=g)   # (m, B, C, H, W), draw-major
-        x, y, noise = local(x).to(device), local(train_split.labels[rows]).to(device), local(noise, 1).to(device)
+        x, y, noise = local(x).to(device), local(y).to(device), local(noise, 1).to(device)
         xs = (x[None] + sigma * noise).flatten(0, 1)           # (m*b, C, H, W): this process's part
         logits = base(xs).reshape(o.num_draws, len(x), -1)    # (m, b, K)
         terms = loss.terms(logits, y)
@@ -108,8 +110,7 @@ def build_run(o: FinetuneOptions, sigma: float, pretrained: Path, train_split: S
             def make_predict(s: float):     # the evaluation adds its noise on the CPU
                 f = SigmaConditioned(net, s)
                 return lambda x: f(x.to(device)).cpu()
-            return noisy_accuracies(make_predict, val_split.float_images(), val_split.labels,
-                                    o.eval_sigmas)
+            return noisy_accuracies(make_predict, val_split, o.eval_sigmas)
 
     config = {**(provenance or {}), "stage": "finetune-rrcm", "sigma": sigma,
               "lambda": loss.lam, "pretrained": str(pretrained), "pretrained_step": payload["step"],

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from rcm import distributed, paths
-from rcm.data import Split, load_split
+from rcm.data import FileSplit, Split, load_split
 from rcm.distributed import local
 from rcm.errors import ConfigError
 from rcm.importers import PLACEHOLDER
@@ -30,7 +30,8 @@ from rcm.models.vit import CERTIFY_GRID_POINTS, RRCMNet, edm_grid, nearest_grid_
 from rcm.options import add_stage_options, from_args, option, resolve_device
 from rcm.train.augment import ViewConfig, augment, random_flip
 from rcm.train.evaluate import noisy_accuracies
-from rcm.train.loop import Run, batch_rows, train
+from rcm.loader import TrainBatches, eval_batches
+from rcm.train.loop import Run, train
 from rcm.train.rrcm_losses import ConsistencyLoss, ContrastiveLoss
 
 
@@ -177,13 +178,13 @@ def represent(model: RRCMNet, images: torch.Tensor, sigma: float, batch_size: in
     return nn.functional.normalize(torch.cat(hs), dim=1)
 
 
-def knn_accuracies(model: RRCMNet, train_split: Split, val_split: Split, sigmas: list[float],
+def knn_accuracies(model: RRCMNet, train_split: Split | FileSplit, val_split: Split | FileSplit, sigmas: list[float],
                    k: int, bank_size: int = 0, temperature: float = 0.07) -> dict[str, float]:
     """Weighted k-NN accuracy of h: noisy validation images against clean training images (the memory bank;
     ``bank_size`` evenly spaced rows, 0 for all)."""
     n = len(train_split)
     rows = torch.linspace(0, n - 1, min(bank_size, n)).long() if bank_size else torch.arange(n)
-    bank = represent(model, train_split.float_images(rows), 0.0)          # (N, D)
+    bank = torch.cat([represent(model, x, 0.0) for x, _ in eval_batches(train_split, rows)])   # (N, D)
     bank_labels = train_split.labels[rows].to(bank.device)
 
     def make_predict(sigma: float):
@@ -193,13 +194,13 @@ def knn_accuracies(model: RRCMNet, train_split: Split, val_split: Split, sigmas:
             return votes.scatter_add_(1, bank_labels[idx], (sim / temperature).exp()).cpu()
         return predict
 
-    accs = noisy_accuracies(make_predict, val_split.float_images(), val_split.labels, sigmas)
+    accs = noisy_accuracies(make_predict, val_split, sigmas)
     return {f"knn_{name}": value for name, value in accs.items()}
 
 
 # ----------------------------------------------------------------------------- the run
 
-def build_run(o: PretrainOptions, train_split: Split, val_split: Split | None, out: Path,
+def build_run(o: PretrainOptions, train_split: Split | FileSplit, val_split: Split | FileSplit | None, out: Path,
               provenance: dict | None = None) -> Run:
     """The pretraining Run: online network, EMA target, optimiser, schedules and the step's loss."""
     check_options(o, len(train_split))
@@ -209,7 +210,7 @@ def build_run(o: PretrainOptions, train_split: Split, val_split: Split | None, o
                           "use more processes (torchrun) for a larger batch")
     if len(o.blur_prob) != 2 or len(o.solarize_prob) != 2 or len(o.blur_sigma) != 2:
         raise ConfigError("--blur_prob, --solarize_prob and --blur_sigma take exactly two values")
-    c, h, w = train_split.images.shape[1:]
+    c, h, w = train_split.shape
     if h != w:
         raise ConfigError(f"rRCM's ViT needs square images, got {h}x{w}")
     device = resolve_device(o.device)
@@ -222,11 +223,12 @@ def build_run(o: PretrainOptions, train_split: Split, val_split: Split | None, o
     view1, view2 = view_configs(o)
     contrastive, consistency = ContrastiveLoss(o.temperature), ConsistencyLoss(o.temperature)
 
+    batches = TrainBatches(train_split, o.batch_size, o.seed, device)
+
     def loss_fn(step: int, g: torch.Generator):
         num_points = num_grid_points(step, o.steps)
         grid = edm_grid(num_points).float()
-        rows = batch_rows(len(train_split), o.batch_size, step, o.seed)
-        x = (2 * train_split.float_images(rows) - 1).to(device)              # (B, C, H, W) in [-1, 1]
+        x = (2 * batches(step)[0] - 1).to(device)                             # (B, C, H, W) in [-1, 1]
         v1, v2 = augment(x, g, view1), augment(x, g, view2)
         # The consistency term runs on the clean image (flipped only, as the views are), not on an
         # augmented view: fine-tuning and certification feed clean images plus Gaussian noise, so the

@@ -34,7 +34,7 @@ if IMPORTED_CLASSIFIERS:
     rule import_classifier:
         input:
             source=lambda wildcards: IMPORTED_CLASSIFIERS[wildcards.sigma],
-            val=str(paths.prepared(R, D, "val")),
+            test=str(paths.prepared(R, D, "test")),
             code=CODE["import_classifier"],
         output:
             str(paths.classifier(R, D, "{sigma}")),

@@ -97,7 +97,7 @@ def _path_errors(cfg: dict) -> list[str]:
             lines.append(f"data.root: CIFAR-10 directory '{data['root']}' does not exist (it must "
                          "hold cifar-10-batches-py/; or set data.download: true)")
     if cfg["dataset"] == "imagenet":
-        for split in ("train", "val"):
+        for split in ("train", "val") if something_trains(cfg) else ("val",):
             if root is None or not (root / split).is_dir():
                 where = root / split if root else f"<data.root>/{split}"
                 lines.append(f"data.root: ImageNet needs a class-per-folder directory '{where}', "
@@ -141,6 +141,22 @@ def pretrained_sources(cfg: dict) -> list[tuple[str, str | None, str]]:
         if not is_placeholder(cfg["rrcm_pretrain"]["pretrained"]) and not every_sigma_imported:
             out.append(("rrcm_pretrain", None, cfg["rrcm_pretrain"]["pretrained"]))
     return out
+
+
+def something_trains(cfg: dict) -> bool:
+    """Whether the DAG holds a training job (then it needs `prepare_train`, and ImageNet its train/):
+    every model the methods certify with imported, and no mdds (its fine-tuning always trains), is
+    the only way around it."""
+    methods = set(cfg["methods"]) | set(cfg["sequential_methods"]) | {c["method"] for c in cfg["cascades"]}
+    sigmas = {paths.fmt_sigma(s) for s in cfg["sigmas"]}
+    if "mdds" in methods:
+        return True
+    if "dds" in methods and (is_placeholder(cfg["denoiser"]["pretrained"])
+                             or is_placeholder(cfg["classifier"]["pretrained"])):
+        return True
+    if "gaussian" in methods and not set(_noisy(cfg, "classifier")) >= sigmas:
+        return True
+    return "rrcm" in methods and not set(_noisy(cfg, "rrcm_finetune")) >= sigmas
 
 
 def _noisy(cfg: dict, section: str) -> dict[str, str]:
@@ -299,6 +315,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{k}"] = v
     return flat
+
+
+# `rcm prepare`'s flags: a global, like RCM, so that each prepare job's params (the data keys it
+# reads) alone decide when it reruns
+DATA_FLAGS = flags(config["data"])
 
 
 # ------------------------------------------------------------------------------------ files

@@ -9,7 +9,7 @@ if IMPORTED_DENOISER:
     rule import_denoiser:
         input:
             source=IMPORTED_DENOISER,
-            val=str(paths.prepared(R, D, "val")),
+            test=str(paths.prepared(R, D, "test")),
             code=CODE["import_denoiser"],
         output:
             str(paths.denoiser(R, D)),

@@ -8,7 +8,7 @@ if IMPORTED_RRCM:
     rule import_rrcm:
         input:
             source=IMPORTED_RRCM,
-            val=str(paths.prepared(R, D, "val")),
+            test=str(paths.prepared(R, D, "test")),
             code=CODE["import_rrcm"],
         output:
             str(paths.rrcm_pretrained(R, D)),
@@ -83,7 +83,7 @@ if IMPORTED_RRCM_CLASSIFIERS:
     rule import_rrcm_classifier:
         input:
             source=lambda wildcards: IMPORTED_RRCM_CLASSIFIERS[wildcards.sigma],
-            val=str(paths.prepared(R, D, "val")),
+            test=str(paths.prepared(R, D, "test")),
             code=CODE["import_rrcm"],
         output:
             str(paths.rrcm_finetuned(R, D, "{sigma}")),

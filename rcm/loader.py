@@ -1,0 +1,137 @@
+"""Batches for training and evaluation, from a split held in memory or streamed from image files.
+
+A ``Split`` (digits, CIFAR-10) is indexed in memory. A ``FileSplit`` (ImageNet) is read through a
+``torch.utils.data.DataLoader``: each image is opened, decoded, resized and centre-cropped in a worker
+process (per item), batches are collated in uint8 and converted to floats in pinned memory for a
+CUDA device (the tensor the stage copies to it). Either way a
+training step gets the same global batch, so a run is the same whether its data is in memory or on
+disk:
+
+- ``TrainBatches(split, batch_size, seed)(step)``: the rows ``batch_rows(len(split), batch_size,
+  step, seed)`` as float images in [0, 1] and their labels. The loader prefetches the next steps in
+  order; a step out of order (the first step after a resume) restarts it there. The random
+  augmentations stay with each stage, drawn per sample from the step's generator and applied to the
+  batch on its device, so that a step's views depend on (seed, step) alone: that is what makes a
+  resumed run, or N processes, equal to one uninterrupted process.
+- Under torchrun, a process decodes only its own rows of the global batch (its ``world_size``-th
+  share) and leaves the other rows zero: the stages draw every sample's randomness for the whole
+  batch, then keep their rows (``rcm.distributed.local``), and every augmentation acts on each sample
+  alone, so the rows a process never decoded never reach its loss.
+- ``eval_batches(split)``: the split in order, for evaluations that see every image once.
+
+``rcm --workers N`` sets the number of decoding processes (default: the CPUs this process may use,
+shared among the torchrun processes of this node, less one, at most 8; 0 decodes in the main process).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from rcm import distributed
+from rcm.data import FileSplit, Split
+
+WORKERS: int | None = None  # set by `rcm --workers`
+
+
+def workers() -> int:
+    """Decoding processes per training or evaluation process."""
+    if WORKERS is not None:
+        return WORKERS
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(8, per_process - 1))
+
+
+class Decoded(Dataset):
+    """A file split as a map-style dataset: item i is image i, uint8 (3, H, W)."""
+
+    def __init__(self, split: FileSplit):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, row: int) -> torch.Tensor:
+        return self.split.decode(row)
+
+
+def _loader(split: FileSplit, **kw) -> DataLoader:
+    n = workers()
+    return DataLoader(Decoded(split), num_workers=n, prefetch_factor=2 if n else None, **kw)
+
+
+class _Steps:
+    """Batch sampler: this process's rows of each step's global batch, from ``start`` on."""
+
+    def __init__(self, batches: TrainBatches, start: int, lo: int, hi: int):
+        self.batches, self.start, self.lo, self.hi = batches, start, lo, hi
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start
+        while True:
+            yield self.batches.rows(step)[self.lo:self.hi].tolist()
+            step += 1
+
+
+class TrainBatches:
+    """The global batch of each training step: float images in [0, 1] (B, C, H, W) and labels (B,), on
+    the CPU. The last step's batch is kept, so gradient-accumulation passes decode it once."""
+
+    def __init__(self, split: Split | FileSplit, batch_size: int, seed: int, device: torch.device | None = None):
+        self.split, self.batch_size, self.seed = split, batch_size, seed
+        self.pin = device is not None and torch.device(device).type == "cuda"
+        self._last: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._stream: Iterator | None = None
+        self._next = -1
+
+    def rows(self, step: int) -> torch.Tensor:
+        from rcm.train.loop import batch_rows
+
+        return batch_rows(len(self.split), self.batch_size, step, self.seed)
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._last is not None and self._last[0] == step:
+            return self._last[1]
+        rows = self.rows(step)
+        x = self.split.float_images(rows) if isinstance(self.split, Split) else self._streamed(step, len(rows))
+        self._last = (step, (x, self.split.labels[rows]))
+        return self._last[1]
+
+    def _share(self, b: int) -> tuple[int, int]:
+        """This process's rows [lo, hi) of a global batch of b (all of them if b does not split evenly:
+        the stage's ``local`` then says why)."""
+        world, rank = distributed.world_size(), distributed.rank()
+        if b % world:
+            return 0, b
+        return rank * b // world, (rank + 1) * b // world
+
+    def _streamed(self, step: int, b: int) -> torch.Tensor:
+        lo, hi = self._share(b)
+        if self._stream is None or step != self._next:
+            self._stream = iter(_loader(self.split, batch_sampler=_Steps(self, step, lo, hi)))
+        part = next(self._stream)                                     # uint8 (hi - lo, C, H, W)
+        self._next = step + 1
+        # the global batch as floats, in pinned memory for a CUDA device's copy; the rows of other
+        # processes' shares stay zero
+        shape = (b, *part.shape[1:])
+        x = torch.zeros(shape, pin_memory=self.pin) if (lo, hi) != (0, b) else torch.empty(shape, pin_memory=self.pin)
+        torch.div(part, self.split.scale, out=x[lo:hi])
+        return x
+
+
+def eval_batches(split: Split | FileSplit, rows: torch.Tensor | None = None,
+                 batch_size: int = 500) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images in [0, 1], labels) of ``rows`` (default: every row), in order, ``batch_size`` at a time."""
+    rows = torch.arange(len(split)) if rows is None else rows
+    if isinstance(split, Split):
+        for start in range(0, len(rows), batch_size):
+            r = rows[start:start + batch_size]
+            yield split.float_images(r), split.labels[r]
+        return
+    loader = _loader(split, batch_size=batch_size, sampler=rows.tolist())
+    for start, x in zip(range(0, len(rows), batch_size), loader):
+        yield x.float() / split.scale, split.labels[rows[start:start + batch_size]]
