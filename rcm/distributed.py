@@ -14,9 +14,11 @@ How a step is split, so that N processes train the same model as one process wou
 - the loss is the mean over the part; DistributedDataParallel averages gradients over processes and
   the loop divides by ``micro``, so the update is the gradient of the global batch's mean loss, up to
   the order of floating-point reductions;
-- what cannot be split this way differs by design: BatchNorm statistics are per part (converted to
-  SyncBatchNorm on CUDA, where they are global again; torch has no CPU SyncBatchNorm), and dropout
-  masks come from each process's own generator.
+- BatchNorm takes its statistics over the whole global batch: torch's SyncBatchNorm on CUDA,
+  ``CPUSyncBatchNorm`` (below) on CPUs. With gradient accumulation each pass's statistics are those
+  of its part of every process (micro_batches parts of the global batch, as in any accumulation);
+- what cannot be split this way differs by design: dropout masks come from each process's own
+  generator.
 """
 
 from __future__ import annotations
@@ -175,3 +177,62 @@ def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
     total = value.detach().clone().float()
     torch.distributed.all_reduce(total)
     return total / world_size()
+
+
+class CPUSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """BatchNorm with statistics over the global batch of all processes, for CPU tensors under gloo.
+
+    torch's SyncBatchNorm computes on GPUs only; this is the same normalisation written with torch's
+    differentiable collectives (``torch.distributed.nn.functional.all_reduce``, whose backward sums the
+    gradients over processes): training-mode batch statistics are the mean and the biased variance over
+    every process's rows (two passes: the mean, then the squared deviations from it), the running
+    statistics move with the unbiased variance, as ``F.batch_norm`` moves them. Eval mode and a single
+    process are plain BatchNorm. Any input rank (N, C, ...)."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and initialized() and world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        momentum = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
+        x = x.float()                                          # statistics in float32, as under autocast
+        dims = [d for d in range(x.dim()) if d != 1]
+        view = [1, -1] + [1] * (x.dim() - 2)
+        total = all_reduce(torch.cat([x.sum(dims), torch.tensor([x.numel() / x.shape[1]])]))
+        count = total[-1]
+        mean = total[:-1] / count
+        centred = x - mean.view(view)
+        var = all_reduce((centred ** 2).sum(dims)) / count      # biased, for normalising
+        y = centred * torch.rsqrt(var + self.eps).view(view)
+        if self.affine:
+            y = y * self.weight.view(view) + self.bias.view(view)
+        if self.track_running_stats:
+            with torch.no_grad():
+                n = count.item()
+                self.running_mean.mul_(1 - momentum).add_(momentum * mean.detach())
+                self.running_var.mul_(1 - momentum).add_(momentum * var.detach() * n / max(1.0, n - 1))
+        return y
+
+    @classmethod
+    def convert(cls, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` with every BatchNorm layer replaced in place by one of these holding the same
+        parameter and buffer tensors (so optimisers and EMA keep working on them), as
+        ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does for GPUs."""
+        out = module
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
+            out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+            if module.affine:
+                out.weight, out.bias = module.weight, module.bias
+            if module.track_running_stats:
+                out.running_mean, out.running_var = module.running_mean, module.running_var
+                out.num_batches_tracked = module.num_batches_tracked
+            out.train(module.training)
+        for name, child in module.named_children():
+            out.add_module(name, cls.convert(child))
+        return out

@@ -5,18 +5,21 @@ Tolerance: the two runs differ only in how per-sample gradients are summed (each
 then gloo adds the two halves), which changes float32 rounding at about 1e-7 relative per step; after a
 few Adam steps of these tiny models the weights agree to well under 1e-5. A run with another seed, for
 scale, differs by more than 1e-2. BatchNorm stages (the classifier, rRCM pretraining's projector) use
-per-process batch statistics on CPUs (torch's SyncBatchNorm is CUDA-only; on CUDA the loop converts to
-it), so for them the test checks that the launch trains, evaluates and writes once, not equality.
+the global batch's statistics (rcm.distributed.CPUSyncBatchNorm on CPUs, torch's SyncBatchNorm on
+GPUs), so they agree too; an unsynchronised variant, per-process statistics, does not. Weights whose
+gradient is zero in exact arithmetic are left out of the comparison (``_without_null_directions``).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from rcm import cli, paths
 from rcm.checkpoint import load_checkpoint
@@ -36,7 +39,6 @@ STAGES = {
                        "--proj_hidden", "32", "--proj_dim", "16", "--eval_sigmas", "0.5"],
                       lambda r: paths.rrcm_pretrained(r, "digits")),
 }
-EXACT = ("train-denoiser", "finetune-denoiser", "finetune-rrcm")
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,27 @@ def _torchrun(root, argv, nproc=2):
 
 
 def _max_difference(a: dict, b: dict) -> float:
+    a, b = _without_null_directions(a), _without_null_directions(b)
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+
+
+def _without_null_directions(state: dict) -> dict:
+    """The weights less those whose gradient is zero in exact arithmetic: a Linear bias that feeds
+    BatchNorm (the normalisation subtracts it again), attention's key bias (it adds the same logit to
+    every key of a query), and the running means of those BatchNorm layers, which carry the bias.
+    Their gradients are rounding noise, which changes with the order of reductions, and Adam turns any
+    noise into steps of up to lr: one process and two differ there by about 3e-4 after 3 steps of rRCM
+    pretraining, a drift the single-process run has too. They do not change what the network computes
+    in training mode. rRCM's projector and ViT blocks are where rcm has them."""
+    out = {}
+    for key, value in state.items():
+        if re.fullmatch(r"(.*\.)?projector\.[03]\.bias|(.*\.)?projector\.[14]\.running_mean", key):
+            continue
+        if key.endswith("qkv.bias"):  # q, k, v thirds: drop k
+            d = value.shape[0] // 3
+            value = torch.cat([value[:d], value[2 * d:]])
+        out[key] = value
+    return out
 
 
 # the denoiser's launch is the streamed one below (ImageNet files): one torchrun launch per stage
@@ -77,11 +99,8 @@ def test_two_processes_train_what_one_trains(single, tmp_path, stage):
     assert two["step"] == 3 and [m["step"] for m in two["metrics"]] == [3]
     assert len(out(root).with_suffix(".metrics.jsonl").read_text().splitlines()) == 1
     assert not paths.Path(str(out(root)) + ".resume").exists()
-    if stage in EXACT:
-        assert _max_difference(one["model"], two["model"]) < 1e-5, stage
-        assert two["metrics"][0]["loss"] == pytest.approx(one["metrics"][0]["loss"], rel=1e-5)
-    else:  # per-process BatchNorm statistics on CPUs: trained, not equal
-        assert _max_difference(one["model"], two["model"]) > 0
+    assert _max_difference(one["model"], two["model"]) < 1e-5, stage
+    assert two["metrics"][0]["loss"] == pytest.approx(one["metrics"][0]["loss"], rel=1e-5)
 
 
 def test_two_processes_stream_imagenet_files_as_one_process_does(tmp_path, monkeypatch):
@@ -169,8 +188,66 @@ def test_refusals_name_the_problem(single, tmp_path, capsys, monkeypatch):
     assert "--micro_batches must be 1 for rRCM pretraining" in capsys.readouterr().err
     from rcm.distributed import local_device
     from rcm.errors import TrainingError
-    import torch
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(TrainingError, match="use 'cuda'"):
         local_device(torch.device("cuda", 1))
+
+
+def _batchnorm_parts(rank: int, world: int, port: int, x: torch.Tensor, upstream: torch.Tensor, queue) -> None:
+    """One of ``world`` gloo processes: BatchNorm2d on this process's rows of x, synchronised and not."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from rcm.distributed import CPUSyncBatchNorm
+
+        for synced in (True, False):
+            bn = torch.nn.BatchNorm2d(3, momentum=0.3)
+            bn = CPUSyncBatchNorm.convert(bn) if synced else bn
+            part = x.chunk(world)[rank].clone().requires_grad_(True)
+            y = bn(part)
+            (y * upstream.chunk(world)[rank]).sum().backward()
+            torch.distributed.all_reduce(bn.weight.grad)       # what DistributedDataParallel adds up
+            values = (y.detach(), part.grad, bn.weight.grad, bn.running_mean, bn.running_var)
+            queue.put((synced, rank, *(v.numpy().copy() for v in values)))  # by value, not shared memory
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_cpu_sync_batchnorm_is_batchnorm_of_the_global_batch():
+    """Two gloo processes, each with half of a batch whose halves differ: synchronised BatchNorm gives
+    the outputs, input and weight gradients and running statistics of one BatchNorm over the whole
+    batch; per-process BatchNorm (the unsynchronised variant) does not."""
+    import multiprocessing
+    import socket
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 5, 5, generator=g) + torch.tensor([0.0, 3.0]).repeat_interleave(4)[:, None, None, None]
+    upstream = torch.randn(8, 3, 5, 5, generator=g)
+    whole = torch.nn.BatchNorm2d(3, momentum=0.3)
+    xw = x.clone().requires_grad_(True)
+    y = whole(xw)
+    (y * upstream).sum().backward()
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_batchnorm_parts, args=(r, 2, port, x, upstream, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in range(4)]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    by = {(synced, rank): [torch.from_numpy(v) for v in rest] for synced, rank, *rest in results}
+    for synced in (True, False):
+        out = torch.cat([by[synced, r][0] for r in range(2)])
+        grad = torch.cat([by[synced, r][1] for r in range(2)])
+        weight_grad, running_mean, running_var = by[synced, 0][2:]
+        close = [torch.allclose(out, y, atol=1e-5), torch.allclose(grad, xw.grad, atol=1e-5),
+                 torch.allclose(weight_grad, whole.weight.grad, atol=1e-4),
+                 torch.allclose(running_mean, whole.running_mean, atol=1e-6),
+                 torch.allclose(running_var, whole.running_var, atol=1e-5)]
+        assert all(close) if synced else not any(close[:2]), (synced, close)

@@ -12,7 +12,7 @@ Files, for a final checkpoint ``out``:
 
 Data parallel (rcm.distributed): under torchrun every process runs this loop on its share of each
 global batch (``Run.micro_batches`` passes of it, gradients accumulated); the model is wrapped in
-DistributedDataParallel (BatchNorm made SyncBatchNorm on CUDA), the loss that is logged and checked is
+DistributedDataParallel (BatchNorm synchronised over processes), the loss that is logged and checked is
 the mean over processes (the other logged terms are rank 0's last pass), and only rank 0 evaluates
 and writes files.
 
@@ -197,10 +197,13 @@ def train(run: Run) -> list[dict]:
     if distributed.world_size() > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        if precision.device.type == "cuda":  # global batch statistics, in the EMA target's passes too
-            nn.SyncBatchNorm.convert_sync_batchnorm(run.model)
-            if run.ema is not None:
-                nn.SyncBatchNorm.convert_sync_batchnorm(run.ema)
+        # global batch statistics, in the EMA target's passes too: torch's SyncBatchNorm on GPUs, the
+        # same normalisation through gloo's differentiable all_reduce on CPUs
+        sync = nn.SyncBatchNorm.convert_sync_batchnorm if precision.device.type == "cuda" else \
+            distributed.CPUSyncBatchNorm.convert
+        sync(run.model)
+        if run.ema is not None:
+            sync(run.ema)
         forward = DistributedDataParallel(
             forward, device_ids=[precision.device.index] if precision.device.type == "cuda" else None)
     try:
