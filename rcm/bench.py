@@ -29,7 +29,10 @@ from rcm.smoothing import Smooth
 
 
 def add_arguments(p) -> None:
-    p.add_argument("what", choices=["certify"], help="what to benchmark")
+    p.add_argument("what", choices=["certify", "load"],
+                   help="certify: the certification hot path; load: training batches from a prepared train "
+                        "split (ImageNet: decoded by `rcm --workers N` DataLoader workers)")
+    p.add_argument("--steps", type=int, default=20, help="load: training batches timed after the first")
     p.add_argument("--checkpoint", default="", help="a classifier or rrcm checkpoint to smooth")
     p.add_argument("--method", default="", help="or a method of a finished run (with --sigma)")
     p.add_argument("--sigma", type=float, default=0.25, help="noise level in [0, 1] pixel units")
@@ -188,7 +191,34 @@ def flops_report(args) -> dict:
     return dict(description=description, shape=shape, flops=count_flops(model, shape), params=parameters(model))
 
 
+def bench_load(args) -> dict:
+    """Training batches per second from the prepared train split, as a stage reads them (rcm.loader):
+    the first batch (workers start, first decodes) is timed apart from the next ``--steps``."""
+    from rcm.data import FileSplit, load_split
+    from rcm.loader import TrainBatches, workers
+
+    split = load_split(paths.prepared(args.results, args.dataset, "train"))
+    batches = TrainBatches(split, min(args.batch_size, len(split)), seed=0)
+    start = time.perf_counter()
+    batches(0)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        batches(step)
+    elapsed = time.perf_counter() - start
+    return {"source": f"{len(split)} files, streamed" if isinstance(split, FileSplit) else "in memory",
+            "workers": workers() if isinstance(split, FileSplit) else 0, "shape": split.shape,
+            "batch_size": batches.batch_size, "first": first, "per_step": elapsed / args.steps,
+            "images_per_s": args.steps * batches.batch_size / elapsed}
+
+
 def main(args) -> None:
+    if args.what == "load":
+        r = bench_load(args)
+        print(f"load {args.dataset} train ({r['source']}, {' x '.join(map(str, r['shape']))}), "
+              f"{r['workers']} worker(s), batch {r['batch_size']}: {r['images_per_s']:.4g} images/s, "
+              f"{r['per_step']:.3f} s per step (first batch {r['first']:.2f} s)")
+        return
     if args.flops_only:
         r = flops_report(args)
         print(f"{'base classifier':<20}: {r['description']}")

@@ -63,3 +63,19 @@ def test_bench_certify_measures_amp_against_float32(capsys):
     ratio = float(re.search(r"speed-up\s*: ([0-9.]+)x over float32", out).group(1))
     assert ratio == pytest.approx(amp / fp32, rel=0.01)
     assert re.search(r"FLOPs per sample\s*: 8\.1[0-9]*e\+07", out)   # ResNet-20: 40.8 M multiply-adds
+
+
+def test_bench_load_prints_the_rate_of_streamed_batches(tmp_path, monkeypatch, capsys):
+    from trees import write_tree
+
+    from rcm import loader
+    from rcm.data import prepare
+
+    monkeypatch.setattr(loader, "WORKERS", None)  # restored after --workers
+    root = write_tree(tmp_path / "imagenet", per_class=4)
+    prepare("imagenet", tmp_path / "results", part="train", root=root, image_size=32, val_fraction=0.25)
+    assert cli(["--workers", "1", "bench", "load", "--dataset", "imagenet", "--results", str(tmp_path / "results"),
+                "--batch_size", "4", "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"load imagenet train \(13 files, streamed, 3 x 32 x 32\), 1 worker\(s\), batch 4: "
+                     r"[0-9.e+]+ images/s, [0-9.]+ s per step", out), out
