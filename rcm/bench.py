@@ -197,6 +197,9 @@ def bench_load(args) -> dict:
     from rcm.data import FileSplit, load_split
     from rcm.loader import TrainBatches, workers
 
+    if args.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+
     split = load_split(paths.prepared(args.results, args.dataset, "train"))
     batches = TrainBatches(split, min(args.batch_size, len(split)), seed=0)
     start = time.perf_counter()

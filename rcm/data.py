@@ -84,21 +84,31 @@ class Split:
 class FileSplit:
     """A split streamed from image files: ``root / files[i]`` is image i, decoded by ``decode``.
 
-    What it holds grows with the split only by a path and a label per image (about 100 bytes), never
-    by pixels. ``float_images`` decodes the rows asked for, in this process; training and evaluation
+    What it holds grows with the split only by a path and a label per image (about 70 bytes), never
+    by pixels. The paths are one fixed-width bytes array, not a list of Python strings: DataLoader
+    workers are forked, and reading a Python object in a worker writes its reference count, which
+    would copy the pages of a 1.3-million-string list into every worker over an epoch. ``float_images`` decodes the rows asked for, in this process; training and evaluation
     go through ``rcm.loader``, which decodes in DataLoader workers.
     """
 
-    root: str
-    files: list[str]       # paths relative to root, e.g. 'train/n01440764/n01440764_10026.JPEG'
+    root: str              # as configured (a relative root is relative to the working directory)
+    files: np.ndarray      # paths relative to root, UTF-8 bytes, e.g. b'train/n01440764/n01440764_10026.JPEG'
     labels: torch.Tensor   # (N,) int64
     indices: torch.Tensor  # (N,) int64, the index of each image in its folder's sorted listing
     classes: list[str]     # class (folder) names; label c is classes[c]
     image_size: int
     scale: float = 255.0
 
+    def __post_init__(self):
+        self.files = np.asarray([f.encode() if isinstance(f, str) else f for f in self.files], dtype=bytes) \
+            if not isinstance(self.files, np.ndarray) else self.files
+
     def __len__(self) -> int:
         return len(self.labels)
+
+    def file(self, row: int) -> str:
+        """Image ``row``'s path under the root."""
+        return self.files[row].decode()
 
     @property
     def num_classes(self) -> int:
@@ -110,7 +120,7 @@ class FileSplit:
 
     def decode(self, row: int) -> torch.Tensor:
         """Image ``row`` as uint8 (3, image_size, image_size): the ImageNet protocol's resize and crop."""
-        path = Path(self.root) / self.files[row]
+        path = Path(self.root) / self.file(row)
         try:
             return imagenet_transform(self.image_size)(_open_rgb(path))
         except FileNotFoundError:
@@ -127,8 +137,7 @@ class FileSplit:
         return torch.stack([self.decode(int(r)) for r in wanted]).float() / self.scale
 
     def subset(self, rows: torch.Tensor) -> FileSplit:
-        keep = rows.tolist()
-        return FileSplit(self.root, [self.files[r] for r in keep], self.labels[rows], self.indices[rows],
+        return FileSplit(self.root, self.files[rows.numpy()], self.labels[rows], self.indices[rows],
                          self.classes, self.image_size, self.scale)
 
 
@@ -263,8 +272,7 @@ def _imagenet_train(root: Path, image_size: int) -> FileSplit:
         raise DatasetError(f"no images found under {folder}")
     files = [str(Path(path).relative_to(root)) for path, _ in listing.samples]
     labels = torch.tensor([label for _, label in listing.samples], dtype=torch.long)
-    return FileSplit(str(root.resolve()), files, labels, torch.arange(len(files)), list(listing.classes),
-                     image_size)
+    return FileSplit(str(root), files, labels, torch.arange(len(files)), list(listing.classes), image_size)
 
 
 def _imagenet_test(root: Path, image_size: int, skip: int = 1, max_images: int | None = None) -> Split:
@@ -272,14 +280,14 @@ def _imagenet_test(root: Path, image_size: int, skip: int = 1, max_images: int |
     ``max_images`` (the other images of val/ are listed, never read); ``sources`` names each row's file."""
     folder, listing = _imagenet_folder(root, "test")
     wanted = range(0, len(listing.samples), skip)[:max_images]
-    streamed = FileSplit(str(root.resolve()), [str(Path(p).relative_to(root)) for p, _ in listing.samples],
+    streamed = FileSplit(str(root), [str(Path(p).relative_to(root)) for p, _ in listing.samples],
                          torch.tensor([c for _, c in listing.samples], dtype=torch.long),
                          torch.arange(len(listing.samples)), list(listing.classes), image_size)
     if not len(wanted):
         raise DatasetError(f"no images found under {folder}")
     images = torch.stack([streamed.decode(r) for r in wanted])
     return Split(images, streamed.labels[list(wanted)], torch.tensor(list(wanted)), 255.0, len(listing.classes),
-                 sources=[streamed.files[r] for r in wanted])
+                 sources=[streamed.file(r) for r in wanted])
 
 
 def load_raw(dataset: str, split: str, *, root: str | Path | None = None, download: bool = False,
@@ -330,14 +338,15 @@ def carve_validation(train: Split | FileSplit, fraction: float, seed: int):
 
 def save_split(split: Split | FileSplit, path: Path) -> None:
     if isinstance(split, FileSplit):
-        record = {"format": "files", "root": split.root, "files": split.files, "labels": split.labels,
+        record = {"format": "files", "root": split.root, "files": [f.decode() for f in split.files],
+                  "labels": split.labels,
                   "indices": split.indices, "classes": split.classes, "image_size": split.image_size,
                   "scale": split.scale}
     else:
         record = {"images": split.images, "labels": split.labels, "indices": split.indices,
                   "scale": split.scale, "num_classes": split.num_classes}
-    with atomic_path(path) as tmp:
-        torch.save(record, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(record, f)  # through a file object: the same split gives the same bytes (DVC's hashes)
 
 
 def load_split(path: str | Path) -> Split | FileSplit:

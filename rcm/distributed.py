@@ -198,17 +198,22 @@ class CPUSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
+        momentum = self.momentum
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
-        momentum = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
-        x = x.float()                                          # statistics in float32, as under autocast
+            if momentum is None:  # cumulative moving average, as BatchNorm does
+                momentum = 1.0 / self.num_batches_tracked.item()
+        dtype, x = x.dtype, x.float()                          # normalised in float32, as under autocast
         dims = [d for d in range(x.dim()) if d != 1]
         view = [1, -1] + [1] * (x.dim() - 2)
-        total = all_reduce(torch.cat([x.sum(dims), torch.tensor([x.numel() / x.shape[1]])]))
+        # sums and the count in float64 across processes (a channel of a 4096-image batch at 112 px
+        # has 5e7 values: more than float32 counts exactly)
+        total = all_reduce(torch.cat([x.sum(dims, dtype=torch.float64),
+                                      torch.tensor([x.numel() / x.shape[1]], dtype=torch.float64)]))
         count = total[-1]
-        mean = total[:-1] / count
+        mean = (total[:-1] / count).float()
         centred = x - mean.view(view)
-        var = all_reduce((centred ** 2).sum(dims)) / count      # biased, for normalising
+        var = (all_reduce((centred ** 2).sum(dims, dtype=torch.float64)) / count).float()  # biased
         y = centred * torch.rsqrt(var + self.eps).view(view)
         if self.affine:
             y = y * self.weight.view(view) + self.bias.view(view)
@@ -217,7 +222,7 @@ class CPUSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
                 n = count.item()
                 self.running_mean.mul_(1 - momentum).add_(momentum * mean.detach())
                 self.running_var.mul_(1 - momentum).add_(momentum * var.detach() * n / max(1.0, n - 1))
-        return y
+        return y.to(dtype)
 
     @classmethod
     def convert(cls, module: torch.nn.Module) -> torch.nn.Module:

@@ -5,7 +5,7 @@ A ``Split`` (digits, CIFAR-10) is indexed in memory. A ``FileSplit`` (ImageNet) 
 process (per item), batches are collated in uint8 and converted to floats in pinned memory for a
 CUDA device (the tensor the stage copies to it). Either way a
 training step gets the same global batch, so a run is the same whether its data is in memory or on
-disk:
+disk (the same batches; the classifier's channel statistics are reduced in another order):
 
 - ``TrainBatches(split, batch_size, seed)(step)``: the rows ``batch_rows(len(split), batch_size,
   step, seed)`` as float images in [0, 1] and their labels. The loader prefetches the next steps in
@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from rcm import distributed
 from rcm.data import FileSplit, Split
+from rcm.errors import DatasetError
 
 WORKERS: int | None = None  # set by `rcm --workers`
 
@@ -87,11 +89,22 @@ class TrainBatches:
         self._last: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._stream: Iterator | None = None
         self._next = -1
+        self._permutations: dict[int, torch.Tensor] = {}
 
     def rows(self, step: int) -> torch.Tensor:
         from rcm.train.loop import batch_rows
 
-        return batch_rows(len(self.split), self.batch_size, step, self.seed)
+        return batch_rows(len(self.split), self.batch_size, step, self.seed, self._permutation)
+
+    def _permutation(self, n: int, seed: int, epoch: int) -> torch.Tensor:
+        """``epoch_permutation``, kept for the current and the next epoch: the sampler runs a few steps
+        ahead of training, and a permutation of ImageNet's 1.3 million rows takes tens of ms."""
+        from rcm.train.loop import epoch_permutation
+
+        if epoch not in self._permutations:
+            self._permutations = {e: p for e, p in self._permutations.items() if e >= epoch - 1}
+            self._permutations[epoch] = epoch_permutation(n, seed, epoch)
+        return self._permutations[epoch]
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._last is not None and self._last[0] == step:
@@ -113,7 +126,8 @@ class TrainBatches:
         lo, hi = self._share(b)
         if self._stream is None or step != self._next:
             self._stream = iter(_loader(self.split, batch_sampler=_Steps(self, step, lo, hi)))
-        part = next(self._stream)                                     # uint8 (hi - lo, C, H, W)
+        with _worker_errors():
+            part = next(self._stream)                                 # uint8 (hi - lo, C, H, W)
         self._next = step + 1
         # the global batch as floats, in pinned memory for a CUDA device's copy; the rows of other
         # processes' shares stay zero
@@ -132,6 +146,22 @@ def eval_batches(split: Split | FileSplit, rows: torch.Tensor | None = None,
             r = rows[start:start + batch_size]
             yield split.float_images(r), split.labels[r]
         return
-    loader = _loader(split, batch_size=batch_size, sampler=rows.tolist())
-    for start, x in zip(range(0, len(rows), batch_size), loader):
+    loader = iter(_loader(split, batch_size=batch_size, sampler=rows.tolist()))
+    for start in range(0, len(rows), batch_size):
+        with _worker_errors():
+            x = next(loader)
         yield x.float() / split.scale, split.labels[rows[start:start + batch_size]]
+
+
+@contextmanager
+def _worker_errors():
+    """A DatasetError raised in a DataLoader worker with its own message: the DataLoader re-raises it
+    with the worker's whole traceback as the message."""
+    try:
+        yield
+    except DatasetError as exc:
+        text = str(exc)
+        if "Original Traceback" not in text:
+            raise
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        raise DatasetError(last.split("DatasetError: ", 1)[-1]) from None

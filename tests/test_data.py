@@ -186,3 +186,10 @@ def test_imagenet_protocol_is_every_100th_validation_image_resized_256_and_centr
     for row, idx in enumerate(test.indices.tolist()):
         image, label = reference[idx]
         assert torch.equal(test.images[row], image) and int(test.labels[row]) == label
+
+
+def test_preparing_again_writes_the_same_bytes(tmp_path):
+    """DVC compares contents: a prepare stage that reruns (another data key changed) must write the
+    same files, or everything downstream would rerun."""
+    first, second = prepare("digits", tmp_path / "a"), prepare("digits", tmp_path / "b")
+    assert {k: v["sha256"] for k, v in first["splits"].items()} == {k: v["sha256"] for k, v in second["splits"].items()}

@@ -49,7 +49,7 @@ def test_prepare_train_lists_files_and_decodes_as_imagefolder(tmp_path):
     for row, idx in enumerate(train.indices.tolist()):
         image, label = ref[idx]
         assert torch.equal((images[row] * 255).round().to(torch.uint8), image)
-        assert int(train.labels[row]) == label and train.files[row] == str(
+        assert int(train.labels[row]) == label and train.file(row) == str(
             paths.Path(ref.samples[idx][0]).relative_to(root))
     assert sorted(train.indices.tolist() + val.indices.tolist()) == list(range(21))
 
@@ -89,13 +89,19 @@ def test_prepare_test_reads_only_the_certification_subset(tmp_path):
     assert not paths.prepared(out, "imagenet", "train").exists()
 
 
-def test_a_missing_file_is_named(tmp_path):
+def test_a_missing_file_is_named_also_from_a_worker(tmp_path, monkeypatch):
     root = write_tree(tmp_path / "imagenet", per_class=3)
     prepare("imagenet", tmp_path / "results", part="train", root=root, image_size=32, val_fraction=0.25)
     train = load_split(paths.prepared(tmp_path / "results", "imagenet", "train"))
-    (root / train.files[2]).unlink()
-    with pytest.raises(DatasetError, match=f"{train.files[2]} is missing"):
+    (root / train.file(2)).unlink()
+    message = f"^{root / train.file(2)} is missing: it was listed by `rcm prepare`; prepare again if the data set moved"
+    with pytest.raises(DatasetError, match=message):
         train.float_images(torch.tensor([2]))
+    monkeypatch.setattr(loader, "WORKERS", 1)  # the DataLoader's worker raises; the user reads the same message
+    with pytest.raises(DatasetError, match=message):
+        list(eval_batches(train))
+    with pytest.raises(DatasetError, match=message):
+        TrainBatches(train, len(train), seed=0)(0)
 
 
 def _in_memory(split: FileSplit) -> Split:
@@ -173,6 +179,7 @@ def test_peak_memory_of_prepare_and_training_does_not_grow_with_the_training_spl
         train_peak = _peak_anonymous_kib(tmp_path, "train-classifier", *common, "--sigma", "0.25", "--width", "8",
                                          "--steps", "3", "--batch_size", "32", "--eval_every", "0", "--device", "cpu")
         peaks[per_class] = (prepare_peak, train_peak)
+    print(f"\npeak anonymous memory, KiB (prepare, training) by images per class: {peaks}")
     (small_prepare, small_train), (large_prepare, large_train) = peaks[150], peaks[1800]
     assert abs(large_prepare - small_prepare) < 12 * 1024, peaks
     assert abs(large_train - small_train) < 40 * 1024, peaks

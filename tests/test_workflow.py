@@ -599,9 +599,18 @@ def _logged_wall(log: str) -> float:
 
 
 def _reuse_tiny_run(source: Path, repo: Path) -> SimpleNamespace | None:
-    """The finished tiny run in ``source`` copied into ``repo``, or None (and ``repo`` as it was)."""
+    """The finished tiny run in ``source`` copied into ``repo``, or None (and ``repo`` as it was).
+
+    Only a run made in this very checkout is taken: Snakemake's check below sees the rules' inputs, not
+    the shared code it does not list (rcm.cli, the training loop...), which another checkout may hold
+    in another version. The log is the newest one that ran jobs (a later run with nothing to do writes
+    an empty one)."""
     copied = ["results", "logs", "benchmarks", ".snakemake/metadata", ".snakemake/log"]
-    logs = sorted((source / ".snakemake/log").glob("*.snakemake.log"), key=lambda p: p.stat().st_mtime)
+    if source.resolve() != REPO.resolve():
+        print(f"RCM_TINY_RUN={source} is not this checkout ({REPO}); running the tiny DAG here", file=sys.stderr)
+        return None
+    logs = sorted((p for p in (source / ".snakemake/log").glob("*.snakemake.log")
+                   if "Finished jobid" in p.read_text(errors="replace")), key=lambda p: p.stat().st_mtime)
     if not logs or not all((source / item).exists() for item in copied):
         return None
     for item in copied:

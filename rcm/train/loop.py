@@ -54,12 +54,18 @@ def step_seed(seed: int, step: int) -> int:
     return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
 
 
-def batch_rows(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
-    """Rows of the batch for ``step``: epochs are seeded permutations, so batches depend on the step alone."""
+def batch_rows(n: int, batch_size: int, step: int, seed: int, permutation=None) -> torch.Tensor:
+    """Rows of the batch for ``step``: epochs are seeded permutations, so batches depend on the step alone.
+    ``permutation(n, seed, epoch)`` may stand in for ``epoch_permutation`` (e.g. a cache of it)."""
     per_epoch = max(1, n // batch_size)
     epoch, k = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(seed, -1 - epoch)))
+    perm = (permutation or epoch_permutation)(n, seed, epoch)
     return perm[k * batch_size:(k + 1) * batch_size]
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the n training rows in ``epoch``."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(seed, -1 - epoch)))
 
 
 def resume_path(out: Path) -> Path:
