@@ -27,6 +27,7 @@ is the index in the test split.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from contextlib import contextmanager
@@ -87,8 +88,9 @@ class FileSplit:
     What it holds grows with the split only by a path and a label per image (about 70 bytes), never
     by pixels. The paths are one fixed-width bytes array, not a list of Python strings: DataLoader
     workers are forked, and reading a Python object in a worker writes its reference count, which
-    would copy the pages of a 1.3-million-string list into every worker over an epoch. ``float_images`` decodes the rows asked for, in this process; training and evaluation
-    go through ``rcm.loader``, which decodes in DataLoader workers.
+    would copy the pages of a 1.3-million-string list into every worker over an epoch.
+    ``float_images`` decodes the rows asked for, in this process; training and evaluation go through
+    ``rcm.loader``, which decodes in DataLoader workers.
     """
 
     root: str              # as configured (a relative root is relative to the working directory)
@@ -100,8 +102,8 @@ class FileSplit:
     scale: float = 255.0
 
     def __post_init__(self):
-        self.files = np.asarray([f.encode() if isinstance(f, str) else f for f in self.files], dtype=bytes) \
-            if not isinstance(self.files, np.ndarray) else self.files
+        if not isinstance(self.files, np.ndarray):  # a list of str, as listed or as saved
+            self.files = np.asarray([f.encode() for f in self.files], dtype=bytes)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -141,6 +143,7 @@ class FileSplit:
                          self.classes, self.image_size, self.scale)
 
 
+@functools.lru_cache
 def imagenet_transform(image_size: int):
     """Resize the shorter side to image_size * 256 / 224, centre-crop image_size, uint8 (C, H, W):
     Resize(256), CenterCrop(224) at the papers' 224."""
@@ -221,28 +224,37 @@ def _download_lock(root: Path, download: bool):
         yield
 
 
-def _imagenet_folder(root: Path, split: str) -> tuple[Path, object]:
-    """(folder, torchvision ImageFolder) of one split: a listing of the class-per-folder tree, nothing decoded."""
-    from torchvision.datasets import ImageFolder
-
+def _split_folder(root: Path, split: str) -> Path:
+    """ImageNet's class-per-folder directory of one split: root/train, or root/val for the test split."""
     folder = root / ("train" if split == "train" else "val")
     if not folder.is_dir():
         raise DatasetError(f"ImageNet split not found: expected a class-per-folder directory {folder} "
                            f"(e.g. {folder}/n01440764/*.JPEG)")
+    return folder
+
+
+def _listed(root: Path, split: str, image_size: int) -> FileSplit:
+    """Every image of one split as a file list, in torchvision ImageFolder's order and labels (the
+    tree is listed, nothing decoded)."""
+    from torchvision.datasets import ImageFolder
+
+    folder = _split_folder(root, split)
     try:
-        return folder, ImageFolder(str(folder))
+        listing = ImageFolder(str(folder))
     except (FileNotFoundError, RuntimeError) as exc:
         raise DatasetError(f"{folder} is not a class-per-folder image directory: {exc}") from exc
+    if not listing.samples:
+        raise DatasetError(f"no images found under {folder}")
+    files = [str(Path(path).relative_to(root)) for path, _ in listing.samples]
+    labels = torch.tensor([label for _, label in listing.samples], dtype=torch.long)
+    return FileSplit(str(root), files, labels, torch.arange(len(files)), list(listing.classes), image_size)
 
 
 def _imagenet_classes(root: Path, split: str) -> list[str]:
     """The class folders of one split, sorted (ImageFolder's labels), without listing their files."""
     from torchvision.datasets.folder import find_classes
 
-    folder = root / ("train" if split == "train" else "val")
-    if not folder.is_dir():
-        raise DatasetError(f"ImageNet split not found: expected a class-per-folder directory {folder} "
-                           f"(e.g. {folder}/n01440764/*.JPEG)")
+    folder = _split_folder(root, split)
     try:
         return find_classes(str(folder))[0]
     except FileNotFoundError as exc:
@@ -266,28 +278,18 @@ def check_same_classes(train: list[str], val: list[str], root: Path) -> None:
 
 def _imagenet_train(root: Path, image_size: int) -> FileSplit:
     """The training split as a file list (nothing decoded); its classes must be val/'s."""
-    folder, listing = _imagenet_folder(root, "train")
-    check_same_classes(listing.classes, _imagenet_classes(root, "val"), root)
-    if not listing.samples:
-        raise DatasetError(f"no images found under {folder}")
-    files = [str(Path(path).relative_to(root)) for path, _ in listing.samples]
-    labels = torch.tensor([label for _, label in listing.samples], dtype=torch.long)
-    return FileSplit(str(root), files, labels, torch.arange(len(files)), list(listing.classes), image_size)
+    train = _listed(root, "train", image_size)
+    check_same_classes(train.classes, _imagenet_classes(root, "val"), root)
+    return train
 
 
 def _imagenet_test(root: Path, image_size: int, skip: int = 1, max_images: int | None = None) -> Split:
     """The certification subset of the validation split, decoded: every ``skip``-th image, at most
     ``max_images`` (the other images of val/ are listed, never read); ``sources`` names each row's file."""
-    folder, listing = _imagenet_folder(root, "test")
-    wanted = range(0, len(listing.samples), skip)[:max_images]
-    streamed = FileSplit(str(root), [str(Path(p).relative_to(root)) for p, _ in listing.samples],
-                         torch.tensor([c for _, c in listing.samples], dtype=torch.long),
-                         torch.arange(len(listing.samples)), list(listing.classes), image_size)
-    if not len(wanted):
-        raise DatasetError(f"no images found under {folder}")
-    images = torch.stack([streamed.decode(r) for r in wanted])
-    return Split(images, streamed.labels[list(wanted)], torch.tensor(list(wanted)), 255.0, len(listing.classes),
-                 sources=[streamed.file(r) for r in wanted])
+    val = _listed(root, "test", image_size)
+    wanted = list(range(0, len(val), skip)[:max_images])
+    return Split(torch.stack([val.decode(r) for r in wanted]), val.labels[wanted], torch.tensor(wanted), 255.0,
+                 val.num_classes, sources=[val.file(r) for r in wanted])
 
 
 def load_raw(dataset: str, split: str, *, root: str | Path | None = None, download: bool = False,
