@@ -55,6 +55,46 @@ def native_support(amp: str, device: torch.device) -> bool:
     return True
 
 
+def set_float32(device: torch.device, tf32: bool = False) -> dict:
+    """Apply rcm's float32 arithmetic on ``device`` and return it (for provenance and the plan).
+
+    rcm's choice, on every stage: float32 means IEEE float32, unless the stage's ``tf32`` option is
+    set. PyTorch's own defaults differ between matmuls and convolutions (since 1.12: strict float32
+    matmuls, but TF32 cuDNN convolutions on Ampere and newer), so a float32 run of a convolutional
+    network there silently computes in TF32 (10-bit mantissa); rcm sets both switches explicitly.
+    With ``tf32`` both are TF32 (matmul precision 'high'). On a CPU the switches have no effect.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+    torch.backends.cudnn.allow_tf32 = bool(tf32)
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    return float32_settings(device)
+
+
+def float32_settings(device: torch.device) -> dict:
+    """What float32 arithmetic means in this process on ``device`` now (TF32 switches)."""
+    if device.type != "cuda":
+        return {"tf32_matmul": False, "tf32_cudnn": False}
+    return {"tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+            "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32)}
+
+
+def arithmetic_provenance(device: torch.device) -> dict:
+    """The facts a run's numbers depend on beyond its config: device model and compute capability,
+    torch / CUDA / cuDNN versions, the TF32 switches. CUDA's noise streams (Philox) depend on the GPU
+    model through its launch configuration, so a certificate records this and a resume compares it."""
+    out = {"torch": torch.__version__, "device_type": device.type, **float32_settings(device)}
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        out.update(device_name=torch.cuda.get_device_name(index), capability=f"{major}.{minor}",
+                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    else:
+        import platform
+
+        out.update(device_name=platform.processor() or platform.machine(), capability=None, cuda=None, cudnn=None)
+    return out
+
+
 def warn_if_emulated(amp: str, device: torch.device, what: str) -> None:
     if not native_support(amp, device):
         print(f"{what}: warning: amp={amp} on {device}, which has no native {amp} arithmetic; it runs "
