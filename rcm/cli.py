@@ -74,18 +74,19 @@ def main(argv: list[str] | None = None) -> int:
               f"{os.environ['WORLD_SIZE']}); only the training stages run under torchrun "
               f"({', '.join(DISTRIBUTED)})", file=sys.stderr)
         return 2
-    clean = False
     try:
         distributed.init()
         importlib.import_module(args._module).main(args)
-        clean = True
-    except RcmError as exc:
-        print(f"rcm {args._name}: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        distributed.shutdown(clean)
+    except BaseException as exc:
+        if distributed.world_size() > 1:
+            distributed.abandon(exc, f"rcm {args._name}")          # exits this process now
+        distributed.shutdown(clean=False)
+        if isinstance(exc, RcmError):
+            print(f"rcm {args._name}: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+    distributed.shutdown()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

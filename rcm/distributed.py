@@ -7,18 +7,23 @@ the stage runs. Nothing changes for a single process.
 
 How a step is split, so that N processes train the same model as one process would:
 
-- every process draws the step's randomness for the *whole* global batch from the step's generator
-  (augmentations, noise, timesteps: the same draws in every process, and the same as a single
-  process's), then keeps its own rows with ``local``: part ``rank * micro + m`` of
-  ``world * micro`` equal parts, where ``micro`` is the number of gradient-accumulation passes;
+- a pass computes part ``rank * micro + m`` of ``world * micro`` equal parts of the global batch,
+  where ``micro`` is the number of gradient-accumulation passes; it reads, moves to its device and
+  transforms only those rows (``rcm.loader.TrainBatches`` returns them);
+- per-sample parameters (a few numbers per image: crops, flips, timesteps) are drawn for the whole
+  global batch from the step's generator, the same in every process, and ``local`` keeps the pass's
+  part of them; image-sized randomness (noise) is drawn per row (``local_normal``), from a seed of
+  (the step's seed, the draw's stream, the global row), on the device, for the pass's rows only. So
+  the global batch is identical for any number of processes and passes, and a process's batch
+  memory is its share of the global batch, not the whole of it;
 - the loss is the mean over the part; DistributedDataParallel averages gradients over processes and
   the loop divides by ``micro``, so the update is the gradient of the global batch's mean loss, up to
   the order of floating-point reductions;
 - BatchNorm takes its statistics over the whole global batch: torch's SyncBatchNorm on CUDA,
   ``CPUSyncBatchNorm`` (below) on CPUs. With gradient accumulation each pass's statistics are those
   of its part of every process (micro_batches parts of the global batch, as in any accumulation);
-- what cannot be split this way differs by design: dropout masks come from each process's own
-  generator.
+- what cannot be split this way differs by design: dropout masks (torch's global generator) are
+  seeded by the step and the part, so they differ between processes and passes.
 """
 
 from __future__ import annotations
@@ -69,13 +74,36 @@ def init() -> None:
 
 
 def shutdown(clean: bool = True) -> None:
-    """Leave the process group: after a barrier when this process finished, at once when it failed
-    (a failing process must not wait for the others, nor let them pass a barrier they meant for
-    something else: torchrun then reports this process's error and stops the rest)."""
+    """Leave the process group after a barrier (``clean``: this process finished its work), or at
+    once. A process that *failed* while others run never comes here: see ``abandon``."""
     if initialized():
         if clean:
             torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def abandon(exc: BaseException, what: str) -> None:
+    """End this process of a multi-process job now, after saying why: exit code 2 for an rcm error
+    (its one line), 1 for anything else (its traceback, e.g. CUDA out of memory in a backward pass).
+
+    Not ``destroy_process_group``: with NCCL collectives in flight (the other processes wait in this
+    step's gradient all-reduce) it can block until the collective times out (``TIMEOUT``, 2 hours),
+    and a barrier would wait for processes that will never arrive. Exiting closes this process's
+    connections; torchrun sees a failed worker and stops the others at once."""
+    import sys
+    import traceback
+
+    from rcm.errors import RcmError
+
+    prefix = f"{what} (rank {rank()} of {world_size()})"
+    if isinstance(exc, RcmError):
+        print(f"{prefix}: error: {exc}", file=sys.stderr)
+    else:
+        print(f"{prefix}: failed; the other processes are stopped", file=sys.stderr)
+        traceback.print_exception(exc, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2 if isinstance(exc, RcmError) else 1)
 
 
 def barrier() -> None:
@@ -84,21 +112,50 @@ def barrier() -> None:
 
 
 def local_device(device: torch.device) -> torch.device:
-    """Which GPU 'cuda' means: where several are visible, the first that no other rcm process of this
-    user holds (``claim_gpu``), so that concurrent jobs of `snakemake --resources gpu=K` on a multi-GPU
-    workstation, and the processes of torchrun jobs among them, each get their own."""
+    """The GPU that 'cuda' means for this process, made its current device (``torch.cuda.set_device``).
+
+    - ``cuda:N`` (explicit): GPU N, claimed (below) so that no other rcm process takes it; refused under
+      torchrun, where it would put every process on one GPU.
+    - ``cuda`` under torchrun, when the job sees exactly one GPU per local process (SLURM's ``--gpus``,
+      or ``CUDA_VISIBLE_DEVICES`` set for the job): GPU ``LOCAL_RANK``.
+    - ``cuda`` otherwise (one process; or torchrun on a workstation that shows every GPU to every job):
+      the first visible GPU that no other rcm process of this user holds.
+    A GPU is held by an ``flock`` on a file named after its UUID (``claim_gpu``), so two jobs that each
+    see their own GPUs as 0..N-1 (two SLURM jobs on one node) never collide on a name, and a GPU is
+    never shared silently: a process waits up to ``RCM_GPU_WAIT`` seconds (default 600) for one to
+    free up, then stops with one line (``TrainingError``).
+    """
     if device.type != "cuda":
         return device
-    if device.index is not None:
-        if launched():
-            raise TrainingError(f"device {device} under torchrun would put every process on one GPU: "
-                                "use 'cuda' (each process takes a GPU of its own)")
-        return device
+    if device.index is not None and launched():
+        raise TrainingError(f"device {device} under torchrun would put every process on one GPU: "
+                            "use 'cuda' (each process takes a GPU of its own)")
     count = torch.cuda.device_count()
-    if count > 1 or launched():
-        device = torch.device("cuda", claim_gpu(count))
-        torch.cuda.set_device(device)
+    if count == 0:
+        raise TrainingError(f"device {device}: no CUDA GPU is visible to this process "
+                            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r})")
+    if device.index is not None:
+        if device.index >= count:
+            raise TrainingError(f"device {device}: only {count} GPU(s) are visible (cuda:0 .. cuda:{count - 1})")
+        index = claim_gpu([device.index])
+    elif launched() and count == local_world_size():
+        index = claim_gpu([local_rank()])
+    elif launched() and count < local_world_size():
+        raise TrainingError(f"{local_world_size()} processes on this node but only {count} GPU(s) visible: "
+                            "start one process per GPU (torchrun --nproc-per-node)")
+    else:
+        index = claim_gpu(list(range(count)))
+    device = torch.device("cuda", index)
+    torch.cuda.set_device(device)
     return device
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_world_size() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 _CLAIMED: dict[int, object] = {}  # GPU index -> the open lock file that holds it for this process
@@ -110,28 +167,50 @@ def gpu_lock_dir() -> str:
     return os.environ.get("RCM_GPU_LOCKS") or os.path.join(tempfile.gettempdir(), f"rcm-gpu-locks-{os.getuid()}")
 
 
-def claim_gpu(count: int) -> int:
-    """The index of a GPU no other live process holds, held by this one until it exits (an advisory
-    ``flock`` per device in ``gpu_lock_dir()``: released by the kernel however the process ends).
-    When every device is held (more jobs than GPUs), GPU 0, shared, with a warning."""
+def gpu_uuid(index: int) -> str:
+    """A visible GPU's UUID (the same physical GPU has the same UUID whatever its index in a job)."""
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    return str(uuid) if uuid is not None else f"index{index}"
+
+
+def claim_gpu(candidates: list[int], wait: float | None = None, poll: float = 2.0,
+              uuid=gpu_uuid) -> int:
+    """The first of ``candidates`` (visible GPU indices) that no other live process holds, held by this
+    process until it exits: an advisory ``flock`` on ``gpu_lock_dir()/gpu-<UUID>.lock``, released by
+    the kernel however the process ends. While every candidate is held, wait (``wait`` seconds,
+    default ``RCM_GPU_WAIT`` or 600), then raise TrainingError naming the holders' lock files."""
     import fcntl
     import sys
+    import time
 
     if _CLAIMED:
         return next(iter(_CLAIMED))
+    wait = float(os.environ.get("RCM_GPU_WAIT", "600")) if wait is None else wait
     os.makedirs(gpu_lock_dir(), exist_ok=True)
-    for index in range(count):
-        handle = open(os.path.join(gpu_lock_dir(), f"cuda{index}.lock"), "w")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.close()
-            continue
-        _CLAIMED[index] = handle
-        return index
-    print(f"rcm: warning: all {count} GPUs are held by other rcm processes; sharing cuda:0 (run at most "
-          f"{count} GPU jobs at once: snakemake --resources gpu={count})", file=sys.stderr)
-    return 0
+    files = {index: os.path.join(gpu_lock_dir(), f"gpu-{uuid(index)}.lock") for index in candidates}
+    deadline, told = time.monotonic() + wait, False
+    while True:
+        for index, name in files.items():
+            handle = open(name, "a")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()
+                continue
+            handle.truncate(0)
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            _CLAIMED[index] = handle
+            return index
+        if time.monotonic() >= deadline:
+            raise TrainingError(f"every GPU this process may use ({', '.join(f'cuda:{i}' for i in candidates)}) is "
+                                f"held by another rcm process (locks in {gpu_lock_dir()}); waited {wait:.0f} s. "
+                                "Run fewer GPU jobs at once (snakemake --resources gpu=K) or raise RCM_GPU_WAIT")
+        if not told:
+            print(f"rcm: every GPU of {[f'cuda:{i}' for i in candidates]} is held by another rcm process; "
+                  f"waiting up to {wait:.0f} s", file=sys.stderr)
+            told = True
+        time.sleep(poll)
 
 
 @contextmanager
@@ -145,18 +224,52 @@ def part(index: int, count: int):
         _PART[:] = old
 
 
-def local(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """This pass's rows of a tensor that holds the whole global batch along ``dim``."""
+def parts() -> int:
+    """Into how many equal parts the current global batch is split (processes x accumulation passes)."""
+    return _PART[1]
+
+
+def part_bounds(n: int) -> tuple[int, int]:
+    """This pass's rows [lo, hi) of a global batch of ``n`` rows."""
     index, count = _PART
-    if count == 1:
-        return t
-    n = t.shape[dim]
     if n % count:
         raise TrainingError(f"a global batch of {n} cannot be split into {count} equal parts "
                             f"({world_size()} processes x gradient-accumulation passes): make "
                             "batch_size a multiple of it")
     size = n // count
-    return t.narrow(dim, index * size, size)
+    return index * size, (index + 1) * size
+
+
+def local(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """This pass's rows of a tensor that holds the whole global batch along ``dim``."""
+    if _PART[1] == 1:
+        return t
+    lo, hi = part_bounds(t.shape[dim])
+    return t.narrow(dim, lo, hi - lo)
+
+
+def row_seed(seed: int, stream: int, row: int) -> int:
+    """The seed of global row ``row``'s draws of ``stream`` in a step seeded ``seed``."""
+    from rcm.train.loop import step_seed
+
+    return step_seed(step_seed(seed, stream), row)
+
+
+def local_normal(g: torch.Generator, rows: int, row_shape: tuple[int, ...], stream: int,
+                 device: torch.device) -> torch.Tensor:
+    """Standard normals (rows, *row_shape) on ``device`` for this pass's ``rows`` rows of the global
+    batch: row r's values come from a generator of their own, seeded by (the step's seed
+    ``g.initial_seed()``, ``stream``, r), drawn on ``device``. So the global batch's noise is the same
+    whatever the number of processes and accumulation passes, and each process draws (and holds) only
+    its own rows; ``g`` itself is not advanced. ``stream`` tells apart the image-sized draws of one
+    step (e.g. the training noise and the DDPM noise)."""
+    lo = _PART[0] * rows
+    out = torch.empty((rows, *row_shape), device=device)
+    seed = g.initial_seed()
+    for i in range(rows):
+        gen = torch.Generator(device=device).manual_seed(row_seed(seed, stream, lo + i))
+        torch.randn(row_shape, generator=gen, device=device, out=out[i])
+    return out
 
 
 def gather(t: torch.Tensor) -> torch.Tensor:
