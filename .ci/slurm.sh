@@ -14,6 +14,8 @@
 # other; no slurmdbd, so callers must use `--slurm-status-command squeue` (sacct needs accounting).
 # The config must be /etc/slurm/slurm.conf: the executor's job step drops SLURM_CONF.
 set -euo pipefail
+# the daemons and runuser live in the sbin folders, which a user's (or CI's) PATH of /usr/bin:/bin lacks
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 cmd=${1:-}
 state=${2:-}

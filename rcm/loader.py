@@ -13,10 +13,10 @@ disk (the same batches; the classifier's channel statistics are reduced in anoth
   augmentations stay with each stage, drawn per sample from the step's generator and applied to the
   batch on its device, so that a step's views depend on (seed, step) alone: that is what makes a
   resumed run, or N processes, equal to one uninterrupted process.
-- Under torchrun, a process decodes only its own rows of the global batch (its ``world_size``-th
-  share) and leaves the other rows zero: the stages draw every sample's randomness for the whole
-  batch, then keep their rows (``rcm.distributed.local``), and every augmentation acts on each sample
-  alone, so the rows a process never decoded never reach its loss.
+- Under torchrun, a process reads and decodes only its own rows of the global batch (its
+  ``world_size``-th share), and a gradient-accumulation pass gets its part of those: the stages draw
+  per-sample parameters for the whole batch and keep their part, and draw noise per row
+  (``rcm.distributed``), so no process holds another's rows.
 - ``eval_batches(split)``: the split in order, for evaluations that see every image once.
 
 ``rcm --workers N`` sets the number of decoding processes (default: the CPUs this process may use,
@@ -80,13 +80,16 @@ class _Steps:
 
 
 class TrainBatches:
-    """The global batch of each training step: float images in [0, 1] (B, C, H, W) and labels (B,), on
-    the CPU. The last step's batch is kept, so gradient-accumulation passes decode it once."""
+    """This pass's rows of each training step's global batch: float images in [0, 1] (b, C, H, W) and
+    labels (b,), on the CPU (in pinned memory for a CUDA device, so that ``.to(device,
+    non_blocking=True)`` overlaps the copy). The global batch is ``batch_rows(len(split), batch_size,
+    step, seed)``; a process reads and decodes only its share of it (every pass of its own), kept for
+    the step's gradient-accumulation passes, and each pass gets its part (rcm.distributed.part_bounds)."""
 
     def __init__(self, split: Split | FileSplit, batch_size: int, seed: int, device: torch.device | None = None):
         self.split, self.batch_size, self.seed = split, batch_size, seed
-        self.pin = device is not None and torch.device(device).type == "cuda"
-        self._last: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.pin = device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available()
+        self._last: tuple[int, int, tuple[torch.Tensor, torch.Tensor]] | None = None  # step, lo, share
         self._stream: Iterator | None = None
         self._next = -1
         self._permutations: dict[int, torch.Tensor] = {}
@@ -107,33 +110,36 @@ class TrainBatches:
         return self._permutations[epoch]
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._last is not None and self._last[0] == step:
-            return self._last[1]
         rows = self.rows(step)
-        x = self.split.float_images(rows) if isinstance(self.split, Split) else self._streamed(step, len(rows))
-        self._last = (step, (x, self.split.labels[rows]))
-        return self._last[1]
+        lo, hi = distributed.part_bounds(len(rows))                  # this pass's rows
+        if self._last is None or self._last[0] != step:
+            share_lo, share_hi = self._share(len(rows))
+            share = rows[share_lo:share_hi]
+            if isinstance(self.split, Split):
+                x = self.split.float_images(share)
+                x = x.pin_memory() if self.pin else x
+            else:
+                x = self._streamed(step, share_lo, share_hi)
+            self._last = (step, share_lo, (x, self.split.labels[share]))
+        _, share_lo, (x, y) = self._last
+        return x[lo - share_lo:hi - share_lo], y[lo - share_lo:hi - share_lo]
 
     def _share(self, b: int) -> tuple[int, int]:
-        """This process's rows [lo, hi) of a global batch of b (all of them if b does not split evenly:
-        the stage's ``local`` then says why)."""
+        """This process's rows [lo, hi) of a global batch of b: its ``world_size``-th share, which holds
+        the parts of all its passes."""
         world, rank = distributed.world_size(), distributed.rank()
         if b % world:
-            return 0, b
+            distributed.part_bounds(b)  # raises, naming the batch size
         return rank * b // world, (rank + 1) * b // world
 
-    def _streamed(self, step: int, b: int) -> torch.Tensor:
-        lo, hi = self._share(b)
+    def _streamed(self, step: int, lo: int, hi: int) -> torch.Tensor:
         if self._stream is None or step != self._next:
             self._stream = iter(_loader(self.split, batch_sampler=_Steps(self, step, lo, hi)))
         with _worker_errors():
             part = next(self._stream)                                 # uint8 (hi - lo, C, H, W)
         self._next = step + 1
-        # the global batch as floats, in pinned memory for a CUDA device's copy; the rows of other
-        # processes' shares stay zero
-        shape = (b, *part.shape[1:])
-        x = torch.zeros(shape, pin_memory=self.pin) if (lo, hi) != (0, b) else torch.empty(shape, pin_memory=self.pin)
-        torch.div(part, self.split.scale, out=x[lo:hi])
+        x = torch.empty(part.shape, pin_memory=self.pin)              # the copy to a GPU reads pinned memory
+        torch.div(part, self.split.scale, out=x)
         return x
 
 

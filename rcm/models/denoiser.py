@@ -22,6 +22,7 @@ from rcm.errors import CheckpointError, ConfigError
 SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 NETWORKS = ("diffusers", "openai")
+DDPM_NOISE = 2  # the stream of the DDPM loss's per-row noise (rcm.distributed.local_normal)
 # Config keys of Denoiser that are UNet2DModel arguments under another name or the same name.
 _UNET_KEYS = ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "down_block_types",
               "up_block_types", "mid_block_type", "norm_num_groups", "add_attention")
@@ -170,17 +171,17 @@ class Denoiser(nn.Module):
             return a.sqrt() * out + (1.0 - a).sqrt() * x_t
         return (x_t - a.sqrt() * out) / (1.0 - a).sqrt()          # 'sample': out is x0
 
-    def loss(self, x0: torch.Tensor, generator: torch.Generator, part=None) -> torch.Tensor:
+    def loss(self, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The DDPM "simple" loss E ||eps - eps_theta(x_t, t)||^2, t ~ U{0..T-1}; x0 in [-1, 1].
 
-        Randomness is drawn on the CPU from ``generator`` (the same noise on every device) for all of
-        x0; ``part`` (e.g. rcm.distributed.local) then keeps the rows this process computes.
+        ``x0`` holds this pass's rows of a global batch (rcm.distributed): the timesteps are drawn
+        from ``generator`` for the whole global batch and this pass's part kept; the noise is drawn
+        per row on x0's device (``local_normal``), so it does not depend on how the batch is split.
         """
-        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
-        if part is not None:
-            x0, t, noise = part(x0), part(t), part(noise)
-        t, noise = t.to(x0.device), noise.to(x0.device)
+        from rcm.distributed import local, local_normal, parts
+
+        t = local(torch.randint(0, self.num_timesteps, (len(x0) * parts(),), generator=generator)).to(x0.device)
+        noise = local_normal(generator, len(x0), tuple(x0.shape[1:]), DDPM_NOISE, x0.device)
         return F.mse_loss(self.eps(self.q_sample(x0, t, noise), t), noise)
 
     def t_star(self, sigma: float) -> int:

@@ -2,7 +2,8 @@
 
 Every sample gets its own random parameters, all drawn from the step's ``torch.Generator`` in a fixed
 order (a fixed number of draws whatever the probabilities), so a step's views depend on (seed, step)
-alone. Images go in and come out in [-1, 1], shape (B, C, H, W); the photometric operations work in
+alone. A batch is this pass's rows of a global batch (rcm.distributed): the parameters are drawn for
+the global batch and this pass's part kept, so a sample's view does not depend on the split. Images go in and come out in [-1, 1], shape (B, C, H, W); the photometric operations work in
 [0, 1] internally. Differences from torchvision's per-image transforms, all deliberate:
 - RandomResizedCrop sets a side that would exceed the image to the full side and keeps the drawn area
   (changing the aspect ratio) instead of re-drawing, and resamples with one bilinear ``grid_sample``
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from rcm.distributed import local, parts
 
 _LUMA = (0.299, 0.587, 0.114)
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
@@ -46,13 +49,14 @@ class ViewConfig:
 
 
 def _uniform(g: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
-    """(n,) draws from U[lo, hi] on the generator's device (the loop's generators live on the CPU)."""
-    return lo + (hi - lo) * torch.rand(n, generator=g, device=g.device)
+    """(n,) draws from U[lo, hi] for the n rows of this pass: drawn for the whole global batch
+    (n x the number of parts, rcm.distributed) on the generator's device, this pass's part kept."""
+    return lo + (hi - lo) * local(torch.rand(n * parts(), generator=g, device=g.device))
 
 
 def _coin(g: torch.Generator, n: int, p: float) -> torch.Tensor:
-    """(n,) bool, True with probability p; always draws n numbers."""
-    return torch.rand(n, generator=g, device=g.device) < p
+    """(n,) bool, True with probability p; always draws the global batch's numbers."""
+    return local(torch.rand(n * parts(), generator=g, device=g.device)) < p
 
 
 def _per_sample(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,9 @@ class ClassifierOptions:
                                              "entries, same format and options")
 
 
+NOISE = 1  # the stream of the training noise's per-row draws
+
+
 def add_arguments(p) -> None:
     p.add_argument("--sigma", type=float, required=True,
                    help="training noise std in [0, 1] pixel space (0: the clean classifier)")
@@ -69,18 +72,21 @@ def add_arguments(p) -> None:
 
 
 def augment(x: torch.Tensor, g: torch.Generator, crop_padding: int, hflip: bool) -> torch.Tensor:
-    """Random translations (zero padding, crop back) and flips of (B, C, H, W); randomness from ``g``."""
-    B, _, H, W = x.shape
+    """Random translations (zero padding, crop back) and flips of this pass's rows (b, C, H, W) of a
+    global batch: each sample's offsets and flip are drawn from ``g`` for the whole global batch (the
+    same in every process), and ``local`` keeps this pass's part (rcm.distributed)."""
+    b, _, H, W = x.shape
+    B = b * distributed.parts()                                          # the global batch
     if crop_padding > 0:
         p = crop_padding
-        off = torch.randint(0, 2 * p + 1, (2, B), generator=g).to(x.device)
-        rows = off[0, :, None] + torch.arange(H, device=x.device)           # (B, H)
-        cols = off[1, :, None] + torch.arange(W, device=x.device)           # (B, W)
+        off = local(torch.randint(0, 2 * p + 1, (2, B), generator=g), 1).to(x.device)
+        rows = off[0, :, None] + torch.arange(H, device=x.device)           # (b, H)
+        cols = off[1, :, None] + torch.arange(W, device=x.device)           # (b, W)
         xp = F.pad(x, (p, p, p, p))
-        b = torch.arange(B, device=x.device)[:, None, None]
-        x = xp[b, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+        i = torch.arange(b, device=x.device)[:, None, None]
+        x = xp[i, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (b, H, W, C) -> (b, C, H, W)
     if hflip:
-        flip = (torch.rand(B, generator=g) < 0.5).to(x.device)
+        flip = local(torch.rand(B, generator=g) < 0.5).to(x.device)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     return x
 
@@ -149,11 +155,11 @@ def make_run(opts: ClassifierOptions, dataset: str, results: str, sigma: float) 
     batches = TrainBatches(train_set, min(opts.batch_size, len(train_set)), opts.seed, dev)
 
     def loss_fn(step: int, g: torch.Generator):
-        x, y = batches(step)                                                 # (B, C, H, W) in [0, 1]
+        x, y = batches(step)                                  # this pass's rows (b, C, H, W) in [0, 1]
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         x = augment(x, g, opts.crop_padding, opts.hflip)
-        if sigma > 0:  # noise drawn on the CPU: the same run on every device
-            x = x + sigma * torch.randn(x.shape, generator=g)
-        x, y = local(x).to(dev), local(y).to(dev)                            # this process's part
+        if sigma > 0:  # per-row noise, drawn on the device (rcm.distributed.local_normal)
+            x = x + sigma * distributed.local_normal(g, len(x), x.shape[1:], NOISE, dev)
         logits = model(x)
         return F.cross_entropy(logits, y), {"train_acc": (logits.argmax(1) == y).float().mean().item()}
 

@@ -238,10 +238,13 @@ def _steps(run: Run, forward: nn.Module, step: int, metrics: list[dict], bar, re
         run.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=precision.device)
         for m in range(passes):
-            # every pass draws the whole batch's randomness from the step's seed and keeps its part
-            torch.manual_seed(s)
+            # a pass's per-sample parameters come from the step's generator (drawn for the whole
+            # batch, its part kept), its noise per row (rcm.distributed.local_normal); torch's global
+            # generator (dropout) is seeded by the step and the part
+            part = rank * passes + m
+            torch.manual_seed(s if world * passes == 1 else step_seed(s, 1 + part))
             sync = contextlib.nullcontext() if m == passes - 1 or world == 1 else forward.no_sync()
-            with distributed.part(rank * passes + m, world * passes), sync:
+            with distributed.part(part, world * passes), sync:
                 with autocast(run.amp, precision.device):
                     part_loss, logs = forward(step, torch.Generator().manual_seed(s))
                 part_loss = part_loss.float()

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from rcm import distributed, paths
 from rcm.data import load_split
-from rcm.distributed import local
+from rcm.distributed import local_normal
 from rcm.errors import ConfigError
 from rcm.models import load_model
 from rcm.models.denoiser import DenoisedClassifier, Denoiser
@@ -69,6 +69,7 @@ def brier_loss(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 AC_TARGETS = ("all", "wrong")
+COPIES_NOISE = 3  # the stream of the copies' per-row noise
 
 
 def anti_consistency_loss(probs: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -96,13 +97,10 @@ class MultiScaleLoss(nn.Module):
         self.denoiser, self.classifier = denoiser, classifier.eval().requires_grad_(False)
         self.copies, self.ac_weight, self.denoise_weight = copies, ac_weight, denoise_weight
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, sigma: float, generator: torch.Generator, part=None):
-        """x: (B, C, H, W) clean images in [0, 1], y: (B,) labels; noise drawn on the CPU from ``generator``
-        for the whole batch, of which ``part`` (e.g. rcm.distributed.local) keeps this process's rows."""
-        part = part or (lambda t: t)
-        x_all = x
-        delta = part(torch.randn((x.shape[0], self.copies, *x.shape[1:]), generator=generator)).to(x.device)
-        x, y = part(x), part(y)
+    def forward(self, x: torch.Tensor, y: torch.Tensor, sigma: float, generator: torch.Generator):
+        """x: (b, C, H, W) clean images in [0, 1], y: (b,) labels: this pass's rows of a global batch; the
+        copies' noise is drawn per row on x's device (rcm.distributed.local_normal)."""
+        delta = local_normal(generator, len(x), (self.copies, *x.shape[1:]), COPIES_NOISE, x.device)
         B, M = x.shape[0], self.copies
         with torch.no_grad():
             recoverable = (self.classifier(x).argmax(1) == y).to(x.dtype)   # (B,)
@@ -115,7 +113,7 @@ class MultiScaleLoss(nn.Module):
         logs = {"brier": l_brier.item(), "ac": l_ac.item(), "recoverable": recoverable.mean().item(),
                 "sigma": sigma}
         if self.denoise_weight:
-            l_ddpm = self.denoiser.loss(2.0 * x_all - 1.0, generator, part)
+            l_ddpm = self.denoiser.loss(2.0 * x - 1.0, generator)
             loss = loss + self.denoise_weight * l_ddpm
             logs["ddpm"] = l_ddpm.item()
         return loss, logs
@@ -139,9 +137,9 @@ def make_run(opts: FinetuneDenoiserOptions, dataset: str, results: str) -> Run:
     batches = TrainBatches(train_set, min(opts.batch_size, len(train_set)), opts.seed, dev)
 
     def loss_fn(step: int, g: torch.Generator):
-        x, y = batches(step)
+        x, y = batches(step)                                   # this pass's rows
         sigma = opts.sigmas[int(torch.randint(len(opts.sigmas), (1,), generator=g))]
-        return objective(x.to(dev), y.to(dev), sigma, g, local)
+        return objective(x.to(dev, non_blocking=True), y.to(dev, non_blocking=True), sigma, g)
 
     def eval_fn(m) -> dict:
         def make_predict(s):

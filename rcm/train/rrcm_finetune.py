@@ -20,7 +20,7 @@ from torch import nn
 
 from rcm import distributed, paths
 from rcm.data import FileSplit, Split, load_split
-from rcm.distributed import local
+from rcm.distributed import local_normal
 from rcm.errors import ConfigError
 from rcm.models import load_model
 from rcm.models.vit import SigmaConditioned, classifier_from_encoder
@@ -31,6 +31,8 @@ from rcm.train.loop import Run, train
 from rcm.train.rrcm_losses import ConsistencyRegularization
 from rcm.train.rrcm_pretrain import check_options, param_groups, warmup_cosine
 
+
+DRAWS_NOISE = 5  # the stream of the noise draws' per-row values (rcm.distributed.local_normal)
 
 @dataclass
 class FinetuneOptions:
@@ -96,10 +98,10 @@ def build_run(o: FinetuneOptions, sigma: float, pretrained: Path, train_split: S
     batches = TrainBatches(train_split, o.batch_size, o.seed, device)
 
     def loss_fn(step: int, g: torch.Generator):
-        x, y = batches(step)                                   # (B, C, H, W) in [0, 1], as certified
-        noise = torch.randn((o.num_draws, *x.shape), generator=g)   # (m, B, C, H, W), draw-major
-        x, y, noise = local(x).to(device), local(y).to(device), local(noise, 1).to(device)
-        xs = (x[None] + sigma * noise).flatten(0, 1)           # (m*b, C, H, W): this process's part
+        x, y = batches(step)                                   # this pass's rows (b, C, H, W) in [0, 1]
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        noise = local_normal(g, len(x), (o.num_draws, *x.shape[1:]), DRAWS_NOISE, device)  # (b, m, C, H, W)
+        xs = (x[None] + sigma * noise.transpose(0, 1)).flatten(0, 1)   # (m*b, C, H, W), draw-major
         logits = base(xs).reshape(o.num_draws, len(x), -1)    # (m, b, K)
         terms = loss.terms(logits, y)
         return loss.weighted(terms), {k: v.item() for k, v in terms.items()}

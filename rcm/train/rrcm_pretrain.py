@@ -23,7 +23,6 @@ from torch import nn
 
 from rcm import distributed, paths
 from rcm.data import FileSplit, Split, load_split
-from rcm.distributed import local
 from rcm.errors import ConfigError
 from rcm.importers import PLACEHOLDER
 from rcm.models.vit import CERTIFY_GRID_POINTS, RRCMNet, edm_grid, nearest_grid_index, num_grid_points
@@ -34,6 +33,8 @@ from rcm.loader import TrainBatches, eval_batches
 from rcm.train.loop import Run, train
 from rcm.train.rrcm_losses import ConsistencyLoss, ContrastiveLoss
 
+
+EPS_NOISE = 4  # the stream of the per-image noise eps (rcm.distributed.local_normal)
 
 @dataclass
 class PretrainOptions:
@@ -228,18 +229,17 @@ def build_run(o: PretrainOptions, train_split: Split | FileSplit, val_split: Spl
     def loss_fn(step: int, g: torch.Generator):
         num_points = num_grid_points(step, o.steps)
         grid = edm_grid(num_points).float()
-        x = (2 * batches(step)[0] - 1).to(device)                             # (B, C, H, W) in [-1, 1]
+        x = 2 * batches(step)[0].to(device, non_blocking=True) - 1          # this pass's rows, in [-1, 1]
         v1, v2 = augment(x, g, view1), augment(x, g, view2)
         # The consistency term runs on the clean image (flipped only, as the views are), not on an
         # augmented view: fine-tuning and certification feed clean images plus Gaussian noise, so the
         # noisy trajectories trained here are the ones used later, while L_con alone carries the
         # augmentation invariances. (This is also what the authors' data pipeline feeds.)
         x0 = random_flip(x, g, o.flip_prob)
-        eps = torch.randn(x.shape, generator=g).to(device)                  # one eps per image
+        eps = distributed.local_normal(g, len(x), tuple(x.shape[1:]), EPS_NOISE, device)  # one eps per image
         n = int(torch.randint(0, num_points - 1, (1,), generator=g))        # one index per batch
         s_min, s_n, s_next = grid[-1].item(), grid[n].item(), grid[n + 1].item()
-        # the whole batch's randomness is drawn; this process computes its part, against the keys of all
-        v1, v2, x0, eps = local(v1), local(v2), local(x0), local(eps)
+        # this process's rows, against the keys of all processes
         b, offset = len(v1), distributed.rank() * len(v1)
 
         # One online pass with gradients over [v1, v2 at s_min | x at s_n]; BN sees both views.
