@@ -48,7 +48,7 @@ from rcm.errors import DatasetError
 from rcm.options import add_stage_options, from_args, option
 
 DATASETS = paths.DATASETS
-CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+CIFAR_FILES = paths.CIFAR_FILES
 
 
 @dataclass
