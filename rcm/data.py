@@ -44,7 +44,7 @@ import torch
 
 from rcm import paths
 from rcm.atomic import atomic_path, write_text
-from rcm.errors import DatasetError
+from rcm.errors import CheckpointError, DatasetError
 from rcm.options import add_stage_options, from_args, option
 
 DATASETS = paths.DATASETS
@@ -133,7 +133,7 @@ class FileSplit:
         except FileNotFoundError:
             raise DatasetError(f"{path} is missing: it was listed by `rcm prepare`; prepare again if the "
                                "data set moved or changed") from None
-        except OSError as exc:
+        except (OSError, _DecompressionBomb) as exc:  # not an image (PIL never runs a file), or a bomb
             raise DatasetError(f"{path} cannot be decoded: {exc}") from exc
 
     def float_images(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
@@ -146,6 +146,12 @@ class FileSplit:
     def subset(self, rows: torch.Tensor) -> FileSplit:
         return FileSplit(self.root, self.files[rows.numpy()], self.labels[rows], self.indices[rows],
                          self.classes, self.image_size, self.scale)
+
+
+try:
+    from PIL.Image import DecompressionBombError as _DecompressionBomb
+except ImportError:  # an old Pillow
+    _DecompressionBomb = OSError
 
 
 @functools.lru_cache
@@ -493,8 +499,13 @@ def load_split(path: str | Path) -> Split | FileSplit:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"prepared data not found: {path} (run `rcm prepare` first)")
+    from rcm.checkpoint import load_weights
+
     try:
-        d = torch.load(path, map_location="cpu", weights_only=True)
+        d = load_weights(path)  # tensors and plain containers only; a crafted file is refused unrun
+    except CheckpointError as exc:
+        raise DatasetError(f"prepared data unreadable: {exc}") from None
+    try:
         if d.get("format") == "files":
             split = FileSplit(d["root"], list(d["files"]), d["labels"], d["indices"], list(d["classes"]),
                               int(d["image_size"]), float(d["scale"]))

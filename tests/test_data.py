@@ -1,7 +1,6 @@
 """Data sets: the digits default, and CIFAR-10 / ImageNet on tiny files in their real on-disk formats."""
 
 import json
-import os
 import pickle
 import struct
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from crafted import RunsCode, crafted_pickle, runs_when_unpickled
 from rcm import paths
 from rcm.cli import main as cli
 from rcm.data import CIFAR_FILES, load_raw, load_split, prepare
@@ -162,23 +162,13 @@ def test_python3_protocol_2_names_codecs_encode_and_is_refused(tmp_path):
         load_raw("cifar10", "test", root=tmp_path / "raw", verify_checksums=False)
 
 
-class _RunsCode:
-    """Unpickling this object runs a shell command that leaves a marker file."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def write_crafted_cifar(root, marker):
     """A CIFAR-10 tree whose test_batch also holds an object that runs a command when unpickled."""
     base = _write_cifar(root)
     with open(base / "test_batch", "rb") as f:
         batch = pickle.load(f)
     with open(base / "test_batch", "wb") as f:
-        pickle.dump({**batch, "extra": _RunsCode(marker)}, f)
+        pickle.dump({**batch, "extra": RunsCode(marker)}, f)
     return base / "test_batch"
 
 
@@ -328,3 +318,29 @@ def test_preparing_again_writes_the_same_bytes(tmp_path):
     same files, or everything downstream would rerun."""
     first, second = prepare("digits", tmp_path / "a"), prepare("digits", tmp_path / "b")
     assert {k: v["sha256"] for k, v in first["splits"].items()} == {k: v["sha256"] for k, v in second["splits"].items()}
+
+
+def test_a_crafted_prepared_split_is_refused_before_it_runs(tmp_path, digits_results):
+    """A test.pt that is not what prepare wrote (a co-author's, a DVC remote's) is read with
+    torch.load(weights_only=True): refused in one line, its payload never run."""
+    marker, target = tmp_path / "ran", paths.prepared(digits_results, "digits", "test")
+    torch.save({"images": torch.zeros(1, 1, 8, 8, dtype=torch.uint8), "x": RunsCode(marker)}, target)
+    with pytest.raises(DatasetError) as err:
+        load_split(target)
+    assert str(target) in str(err.value) and "refused before any of it ran" in str(err.value)
+    assert "\n" not in str(err.value) and not marker.exists()
+    torch.load(target, weights_only=False)  # the control: the file is live
+    assert marker.exists()
+
+
+def test_imagenet_a_pickle_saved_as_a_jpeg_is_not_run(tmp_path):
+    """ImageNet's images are decoded by PIL, which reads image formats only: a pickle named .JPEG is
+    a file that cannot be decoded, never unpickled."""
+    root, marker = tmp_path / "imagenet", tmp_path / "ran"
+    _write_imagenet(root)
+    crafted = root / "val" / "n01440764" / "val_n01440764_0.JPEG"
+    crafted.write_bytes(crafted_pickle(marker))
+    with pytest.raises(DatasetError, match=f"{crafted} cannot be decoded"):
+        load_raw("imagenet", "test", root=root, image_size=32)
+    assert not marker.exists()
+    assert runs_when_unpickled(crafted, marker)  # the control: the file is live

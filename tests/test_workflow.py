@@ -595,6 +595,18 @@ def test_cifar10_root_must_hold_the_batches_folder(tmp_path):
             assert r.returncode != 0 and "invalid config" in out and message in out, tail(r)
 
 
+def test_a_config_tag_that_would_build_a_python_object_is_refused(tmp_path):
+    """Snakemake reads a config file with PyYAML's FullLoader, which has no constructor for
+    python/object/apply: the workflow stops before parsing, the command never ran. (The control, that
+    the tag is live under yaml.unsafe_load, is tests/test_presets.py's.)"""
+    repo, marker = make_copy(tmp_path / "repo"), tmp_path / "ran"
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(f"methods: !!python/object/apply:os.system ['touch {marker}']\n")
+    r = snakemake(repo, "-n", "--configfile", str(evil))
+    assert r.returncode != 0 and "not valid JSON or YAML" in r.stdout + r.stderr, tail(r)
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("unverified", [True, False])
 def test_the_prepare_job_refuses_a_crafted_cifar_batch(tmp_path, unverified):
     """The workflow's prepare job on a CIFAR-10 copy whose test_batch runs a command when unpickled
