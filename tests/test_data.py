@@ -344,3 +344,13 @@ def test_imagenet_a_pickle_saved_as_a_jpeg_is_not_run(tmp_path):
         load_raw("imagenet", "test", root=root, image_size=32)
     assert not marker.exists()
     assert runs_when_unpickled(crafted, marker)  # the control: the file is live
+
+
+def test_imagenet_a_decompression_bomb_is_a_one_line_error(tmp_path, monkeypatch):
+    """PIL refuses an image of more than twice MAX_IMAGE_PIXELS (DecompressionBombError, not an OSError):
+    named like any image that cannot be decoded. The limit is lowered so the tiny test images are bombs."""
+    root = tmp_path / "imagenet"
+    _write_imagenet(root)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(DatasetError, match=r"\.JPEG cannot be decoded: Image size .* decompression bomb"):
+        load_raw("imagenet", "test", root=root, image_size=32)
