@@ -121,3 +121,21 @@ def test_a_file_that_is_no_torch_file_is_named_as_such(tmp_path):
         load_checkpoint(tmp_path / "truncated.pt")
     with pytest.raises(CheckpointError, match="HTML page"):
         load_checkpoint(tmp_path / "page.pt")
+
+
+def test_every_row_of_the_readers_table_names_tests_that_exist():
+    """docs/architecture.md, "What rcm reads, and how": each row names at least one test, and each named
+    test function exists in the named file."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs/architecture.md").read_text()
+    section = text[text.index("## What rcm reads, and how"):]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| file ")]
+    assert len(rows) >= 10
+    for row in rows:
+        named = re.findall(r"`(test_\w+\.py)::(test_\w+)`", row.rstrip(" |").rsplit(" | ", 1)[-1])
+        assert named, f"no test named in: {row[:80]}"
+        for file, name in named:
+            assert re.search(rf"^def {name}\(", (root / "tests" / file).read_text(), re.M), f"{file}::{name}"
