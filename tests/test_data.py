@@ -3,6 +3,7 @@
 import json
 import pickle
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -354,3 +355,19 @@ def test_imagenet_a_decompression_bomb_is_a_one_line_error(tmp_path, monkeypatch
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(DatasetError, match=r"\.JPEG cannot be decoded: Image size .* decompression bomb"):
         load_raw("imagenet", "test", root=root, image_size=32)
+
+
+def test_cifar10_download_fetches_only_what_is_missing(tmp_path, monkeypatch):
+    """data.download: torchvision's archive is fetched (here: a stand-in writer) when a file is missing,
+    and not again once the files are there; what it fetched is read like any other copy."""
+    import torchvision.datasets.utils as tv_utils
+
+    calls = []
+
+    def fake_download(url, root, filename=None, md5=None):
+        calls.append((url, filename, md5))
+        _write_cifar(Path(root))
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", fake_download)
+    first = load_raw("cifar10", "test", root=tmp_path / "raw", download=True, verify_checksums=False)
+    again = load_raw("cifar10", "test", root=tmp_path / "raw", download=True, verify_checksums=False)
+    assert [c[1] for c in calls] == ["cifar-10-python.tar.gz"] and torch.equal(first.images, again.images)
