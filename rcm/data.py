@@ -204,8 +204,9 @@ def _digits(split: str, test_fraction: float = 0.2, seed: int = 0) -> Split:
 def _numpy_pickle_globals() -> dict[tuple[str, str], object]:
     """(module, name) -> object for the globals a numpy array's pickle names: ``_reconstruct``,
     ``ndarray`` and ``dtype`` (Python 2's protocol 2 and Python 3's 3 and 4; the official files spell
-    the module numpy.core, NumPy 2 numpy._core) and ``_frombuffer`` (protocol 5). Each maps to numpy's own object, taken from what an
-    array's pickle hands over, so nothing is imported by the name a file gives."""
+    the module numpy.core, NumPy 2 numpy._core) and ``_frombuffer`` (protocol 5). Each maps to
+    numpy's own object, taken from what an array's pickle hands over, so nothing is imported by the
+    name a file gives."""
     probe = np.zeros(1, dtype=np.uint8)
     reconstruct, frombuffer = probe.__reduce__()[0], probe.__reduce_ex__(5)[0]
     allowed: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
@@ -324,7 +325,8 @@ def _cifar10(root: Path, split: str, download: bool, verify_checksums: bool) -> 
             from torchvision.datasets.utils import download_and_extract_archive
 
             try:
-                download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+                download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename,
+                                             md5=CIFAR10.tgz_md5)
             except (OSError, RuntimeError) as exc:
                 raise DatasetError(f"CIFAR-10 download into {root} failed: {type(exc).__name__}: {exc}") from exc
             bad = _cifar_missing(root, base, verify_checksums)
