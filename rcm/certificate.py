@@ -198,6 +198,8 @@ def _read_raw(path: Path) -> tuple[pd.DataFrame, str]:
         raise CertificateError(f"{path}: empty file (not even a header)") from None
     except pd.errors.ParserError as exc:
         raise CertificateError(f"{path}: not a tab-separated table: {exc}") from None
+    except UnicodeDecodeError as exc:  # a binary file (a pickle, an archive) where a text table was expected
+        raise CertificateError(f"{path}: not a text file, so not a certificate ({exc})") from None
     first = [str(c).strip() for c in raw.iloc[0]]
     if _looks_like_data(first):
         if len(first) != len(RRCM_COLUMNS):

@@ -53,22 +53,47 @@ def load_checkpoint(path: str | Path, *, kind: str | None = None,
 def load_weights(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
     """``torch.load`` of a file that may come from anyone: tensors and plain containers only
     (``weights_only=True``). A file that needs any other object unpickled is refused with a
-    CheckpointError naming it, and nothing in it has run; so is a truncated or foreign file."""
+    CheckpointError naming it, and nothing in it has run; a file that is no torch checkpoint at all
+    (random bytes, a truncated zip, an HTML page saved under a checkpoint's name) is named as such."""
     path = Path(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc).lower() or "unsupported global" in str(exc).lower():
-            first = next((line for line in str(exc).splitlines() if "GLOBAL" in line.upper()), "")
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        blocked = next((line for line in lines if "GLOBAL" in line.upper()), "")
+        if blocked:
             raise CheckpointError(
                 f"{path} holds Python objects besides tensors and plain containers: refused before "
-                f"any of it ran (rcm never unpickles arbitrary objects, which can run code) "
-                f"({first.strip() or 'weights_only load failed'})") from None
-        raise CheckpointError(f"{path} is truncated or not a torch checkpoint (UnpicklingError: {exc})") from exc
+                f"any of it ran (rcm never unpickles arbitrary objects, which can run code) ({blocked})") from None
+        reason = next((line for line in lines if "operand" in line.lower()), lines[0] if lines else "")
+        raise CheckpointError(_foreign(path, f"UnpicklingError: {reason}")) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or not a torch checkpoint ({type(exc).__name__}: {exc})"
-        ) from exc
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "").split(". ")[0]
+        raise CheckpointError(_foreign(path, f"{type(exc).__name__}: {first}".rstrip(": "))) from exc
+
+
+def _foreign(path: Path, reason: str) -> str:
+    """One line saying what a file that torch could not read is, judged by its first bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        head = None
+    if head is None:
+        what = "cannot be read"
+    elif not head:
+        what = "is empty"
+    elif head.startswith(b"PK"):
+        what = ("is a zip archive but not one torch.save wrote" if zipfile.is_zipfile(path)
+                else "is a truncated or damaged zip archive")
+    elif head[0] == 0x80 and len(head) > 1 and head[1] <= pickle.HIGHEST_PROTOCOL:
+        # a pickle, but not one torch.save writes (or a damaged one): nothing in it was run
+        return (f"{path} is a Python pickle that torch's weights-only reader cannot read: refused before "
+                f"any of it ran (rcm never unpickles arbitrary objects, which can run code) ({reason})")
+    else:
+        what = (f"starts with {head[:16]!r}, neither a zip archive (torch.save) nor a pickle"
+                + (" (an HTML page saved under a checkpoint's name?)" if head.lstrip()[:1] == b"<" else ""))
+    return f"not a torch checkpoint: {path} {what} ({reason})"
 
 
 def load_state_strict(module: torch.nn.Module, state: dict, path: str | Path) -> None:

@@ -17,6 +17,10 @@ them, in DataLoader workers (``rcm.loader``). Its test split, the certification 
 ``skip``-th validation image, at most ``max_images``), holds pixels, and the manifest records the
 source file and SHA-256 of each of its images.
 
+CIFAR-10's batch files (Python pickles) are read by ``read_cifar_file``, an unpickler that builds numpy
+arrays and plain containers and refuses any other object a file names before anything in it runs,
+whether or not their MD5s were checked; torchvision's format, MD5 check and download are kept.
+
 ``prepare`` runs in two parts that the workflow schedules as two jobs: ``test`` (test.pt and
 manifest.json) and ``train`` (train.pt, val.pt and train_manifest.json). When every model is
 imported, nothing needs the train part, and ImageNet's training folder is never read.
@@ -30,6 +34,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import pickle
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +44,11 @@ import torch
 
 from rcm import paths
 from rcm.atomic import atomic_path, write_text
-from rcm.errors import DatasetError
+from rcm.errors import CheckpointError, DatasetError
 from rcm.options import add_stage_options, from_args, option
 
 DATASETS = paths.DATASETS
-CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+CIFAR_FILES = paths.CIFAR_FILES
 
 
 @dataclass
@@ -128,7 +133,7 @@ class FileSplit:
         except FileNotFoundError:
             raise DatasetError(f"{path} is missing: it was listed by `rcm prepare`; prepare again if the "
                                "data set moved or changed") from None
-        except OSError as exc:
+        except (OSError, _DecompressionBomb) as exc:  # not an image (PIL never runs a file), or a bomb
             raise DatasetError(f"{path} cannot be decoded: {exc}") from exc
 
     def float_images(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
@@ -141,6 +146,12 @@ class FileSplit:
     def subset(self, rows: torch.Tensor) -> FileSplit:
         return FileSplit(self.root, self.files[rows.numpy()], self.labels[rows], self.indices[rows],
                          self.classes, self.image_size, self.scale)
+
+
+try:
+    from PIL.Image import DecompressionBombError as _DecompressionBomb
+except ImportError:  # an old Pillow
+    _DecompressionBomb = OSError
 
 
 @functools.lru_cache
@@ -178,35 +189,170 @@ def _digits(split: str, test_fraction: float = 0.2, seed: int = 0) -> Split:
                  torch.arange(len(rows)), 16.0, 10)
 
 
+# ----------------------------------------------------------------------------- CIFAR-10 batch files
+#
+# The official cifar-10-batches-py/ files are Python 2 pickles of dicts holding a numpy uint8 array
+# ('data', N x 3072), a list of int ('labels'), str and lists of str. torchvision reads them with a
+# bare pickle.load, which would run whatever a crafted file names; rcm reads them itself, through an
+# unpickler that resolves only the globals numpy's array pickles name (below) and refuses every other
+# one before the file's objects are built. The on-disk format, the MD5 check (unless data.unverified)
+# and torchvision's download are kept. A stand-in written by Python 3 reads with pickle protocol 3 or
+# above (pickle.dump's default is 4); protocols 0-2 spell Python 3 bytes as a call of _codecs.encode,
+# which is refused like any other global.
+
+
+def _numpy_pickle_globals() -> dict[tuple[str, str], object]:
+    """(module, name) -> object for the globals a numpy array's pickle names: ``_reconstruct``,
+    ``ndarray`` and ``dtype`` (Python 2's protocol 2 and Python 3's 3 and 4; the official files spell
+    the module numpy.core, NumPy 2 numpy._core) and ``_frombuffer`` (protocol 5). Each maps to
+    numpy's own object, taken from what an array's pickle hands over, so nothing is imported by the
+    name a file gives."""
+    probe = np.zeros(1, dtype=np.uint8)
+    reconstruct, frombuffer = probe.__reduce__()[0], probe.__reduce_ex__(5)[0]
+    allowed: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = reconstruct
+        allowed[(f"{core}.numeric", "_frombuffer")] = frombuffer
+    return allowed
+
+
+class BlockedGlobal(pickle.UnpicklingError):
+    """A pickle names a global that a CIFAR-10 batch never holds."""
+
+    def __init__(self, module: str, name: str):
+        super().__init__(f"{module}.{name}")
+        self.module, self.name = module, name
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler of numpy arrays, dicts, lists, str, bytes and numbers: any other global is
+    refused when the stream names it, before it is looked up (so before anything in the file runs)."""
+
+    allowed = _numpy_pickle_globals()
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self.allowed[(module, name)]
+        except KeyError:
+            raise BlockedGlobal(module, name) from None
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("a persistent id, which a CIFAR-10 batch never holds")
+
+
+def read_cifar_file(path: Path) -> dict:
+    """One file of cifar-10-batches-py/ as a dict with str keys, read through ``_BatchUnpickler``
+    (encoding='latin1', as torchvision reads the Python 2 pickles). Bytes keys (b'data', as a file
+    loaded with encoding='bytes' and pickled again by Python 3 has them) are decoded to str; a crafted
+    file is refused with one line naming it and the global it needs."""
+    try:
+        with open(path, "rb") as f:
+            payload = _BatchUnpickler(f, encoding="latin1").load()
+    except BlockedGlobal as exc:
+        raise DatasetError(
+            f"{path} refused before any of it ran: it needs the Python global {exc.module}.{exc.name}, "
+            "and a CIFAR-10 batch holds only numpy arrays, lists, dicts, str, bytes and numbers (rcm never "
+            "unpickles other objects, which can run code)") from None
+    except Exception as exc:  # not a pickle, truncated, a numpy array that does not rebuild...
+        raise DatasetError(f"CIFAR-10 file {path} is malformed: not a readable pickle "
+                           f"({type(exc).__name__}: {exc})") from None
+    if not isinstance(payload, dict):
+        raise DatasetError(f"CIFAR-10 file {path} is malformed: it holds a {type(payload).__name__}, "
+                           "not a dict")
+    out: dict = {}
+    for key, value in payload.items():
+        text = key.decode("latin1") if isinstance(key, bytes) else key
+        if text in out:
+            raise DatasetError(f"CIFAR-10 file {path} is malformed: it holds the key '{text}' twice "
+                               f"(as str and as bytes)")
+        out[text] = value
+    return out
+
+
+def _malformed(path: Path, payload: dict, expected: str) -> DatasetError:
+    found = ", ".join(repr(k) for k in payload) or "none"
+    return DatasetError(f"CIFAR-10 file {path} is malformed: its keys are {found}; expected {expected} "
+                        "(str keys, as torchvision and rcm read the official files; bytes keys such as "
+                        "b'data' are read as the same str)")
+
+
+BATCH_KEYS = "'data' (N x 3072 uint8 array) and 'labels' (N class indices 0..9)"
+
+
+def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A data_batch_k / test_batch file's (N, 3, 32, 32) uint8 images and (N,) int64 labels."""
+    d = read_cifar_file(path)
+    if "data" not in d or "labels" not in d:
+        raise _malformed(path, d, BATCH_KEYS)
+    data, labels = d["data"], d["labels"]
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+        what = (f"a {data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray)
+                else f"a {type(data).__name__}")
+        raise DatasetError(f"CIFAR-10 file {path} is malformed: 'data' is {what}; expected an N x 3072 "
+                           "uint8 array (R, G and B planes of a 32x32 image per row)")
+    try:
+        labels = np.asarray(labels)
+        ok = labels.shape == (len(data),) and labels.dtype.kind in "iu" and ((labels >= 0) & (labels < 10)).all()
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise DatasetError(f"CIFAR-10 file {path} is malformed: 'labels' must be {len(data)} class "
+                           "indices in 0..9, one per row of 'data'")
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
+def _cifar_missing(root: Path, base: Path, verify_checksums: bool) -> list[str]:
+    """The files of cifar-10-batches-py/ that are absent or, when verifying, not the official ones."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity
+
+    md5 = dict(CIFAR10.train_list + CIFAR10.test_list)
+    md5[CIFAR10.meta["filename"]] = CIFAR10.meta["md5"]
+    return [name for name in CIFAR_FILES
+            if not check_integrity(str(base / name), md5[name] if verify_checksums else None)]
+
+
 def _cifar10(root: Path, split: str, download: bool, verify_checksums: bool) -> Split:
-    """CIFAR-10 through torchvision's loader and its on-disk format (cifar-10-batches-py/)."""
+    """CIFAR-10 in torchvision's on-disk format (cifar-10-batches-py/), each file checked against the
+    official MD5 unless ``verify_checksums`` is off, and read by ``read_cifar_file`` (never
+    torchvision's pickle.load)."""
     from torchvision.datasets import CIFAR10
 
-    class _Cifar(CIFAR10):
-        # torchvision verifies each batch file and the metadata against the official MD5s; a user may
-        # turn that off (our tests write tiny batch files in the real pickle format, which cannot match).
-        meta = CIFAR10.meta if verify_checksums else {**CIFAR10.meta, "md5": None}
+    base = root / CIFAR10.base_folder
+    with _download_lock(root, download):  # the two prepare jobs may start at once
+        bad = _cifar_missing(root, base, verify_checksums)
+        if bad and download:
+            from torchvision.datasets.utils import download_and_extract_archive
 
-        def _check_integrity(self) -> bool:
-            if verify_checksums:
-                return super()._check_integrity()
-            base = Path(self.root) / self.base_folder
-            return all((base / name).is_file() for name in CIFAR_FILES)
-
-    base = root / "cifar-10-batches-py"
-    try:
-        with _download_lock(root, download):  # the two prepare jobs may start at once
-            ds = _Cifar(str(root), train=(split == "train"), download=download)
-    except RuntimeError as exc:
+            try:
+                download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename,
+                                             md5=CIFAR10.tgz_md5)
+            except (OSError, RuntimeError) as exc:
+                raise DatasetError(f"CIFAR-10 download into {root} failed: {type(exc).__name__}: {exc}") from exc
+            bad = _cifar_missing(root, base, verify_checksums)
+    if bad:
+        absent = [name for name in bad if not (base / name).is_file()]
+        if not base.is_dir():
+            what = f"{base}/ does not exist"
+            if any((root / name).is_file() for name in CIFAR_FILES):
+                what += (f"; {root} itself holds CIFAR-10 batch files: data.root points at the "
+                         f"cifar-10-batches-py folder itself; set it to its parent")
+        elif absent:
+            what = f"{base}/ lacks {', '.join(absent)}"
+        else:
+            what = f"{', '.join(bad)} under {base}/ are not the official files (their MD5 differs)"
         raise DatasetError(
-            f"CIFAR-10 not found or corrupted under {root}: expected {base}/ holding "
+            f"CIFAR-10 not found or corrupted under {root}: {what}. Expected {base}/ holding "
             f"{', '.join(CIFAR_FILES)} (torchvision's format; set data.download: true to fetch it, "
-            f"or data.unverified: true for non-official files). torchvision said: {exc}"
-        ) from exc
-    except Exception as exc:  # malformed pickles and the like
-        raise DatasetError(f"CIFAR-10 files under {base} are malformed: {type(exc).__name__}: {exc}") from exc
-    images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
-    labels = torch.as_tensor(ds.targets, dtype=torch.long)
+            f"or data.unverified: true for non-official files)")
+    meta = read_cifar_file(base / CIFAR10.meta["filename"])
+    names = meta.get("label_names")
+    if not isinstance(names, list) or len(names) != 10:
+        raise _malformed(base / CIFAR10.meta["filename"], meta, "'label_names' (the 10 class names)")
+    files = [name for name, _ in (CIFAR10.train_list if split == "train" else CIFAR10.test_list)]
+    batches = [_cifar_batch(base / name) for name in files]
+    images = torch.from_numpy(np.ascontiguousarray(np.concatenate([b[0] for b in batches])))
+    labels = torch.from_numpy(np.concatenate([b[1] for b in batches]))
     return Split(images, labels, torch.arange(len(labels)), 255.0, 10)
 
 
@@ -355,8 +501,13 @@ def load_split(path: str | Path) -> Split | FileSplit:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"prepared data not found: {path} (run `rcm prepare` first)")
+    from rcm.checkpoint import load_weights
+
     try:
-        d = torch.load(path, map_location="cpu", weights_only=True)
+        d = load_weights(path)  # tensors and plain containers only; a crafted file is refused unrun
+    except CheckpointError as exc:
+        raise DatasetError(f"prepared data unreadable: {exc}") from None
+    try:
         if d.get("format") == "files":
             split = FileSplit(d["root"], list(d["files"]), d["labels"], d["indices"], list(d["classes"]),
                               int(d["image_size"]), float(d["scale"]))

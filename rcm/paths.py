@@ -10,6 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 DATASETS = ("digits", "cifar10", "imagenet")
+# CIFAR-10's raw data as torchvision lays it out: data.root / CIFAR_FOLDER / each of CIFAR_FILES
+CIFAR_FOLDER = "cifar-10-batches-py"
+CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
 METHODS = ("gaussian", "dds", "mdds", "rrcm")
 CASCADE = "cascade"  # the "sigma" of a multi-scale cascade certificate
 

@@ -32,7 +32,10 @@ def load_config(files: list[str | Path]) -> dict:
         path = Path(f)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:  # plain YAML only: a tag that would build a Python object is an error, never a call
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not plain YAML: {' '.join(str(exc).split())}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: not a YAML mapping")
         _update(merged, data)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from crafted import crafted_pickle, runs_when_unpickled
 from rcm.certificate import (COLUMNS, merge_shards, parse_seconds, read_certificate,
                              write_certificate)
 from rcm.errors import CertificateError
@@ -167,3 +168,14 @@ def test_merge_sorts_by_idx_and_rejects_overlapping_shards(tmp_path):
         merge_shards([a, b, dup])
     with pytest.raises(CertificateError, match="no certificate files"):
         merge_shards([])
+
+
+def test_a_pickle_where_a_certificate_is_expected_is_refused_unrun(tmp_path):
+    """Certificates and published logs are parsed as tab-separated text (pandas' C parser, every cell a
+    str): a binary file is refused in one line, and nothing in it is unpickled."""
+    marker, path = tmp_path / "ran", tmp_path / "sigma_0.25"
+    path.write_bytes(crafted_pickle(marker))
+    with pytest.raises(CertificateError, match=f"{path}: not a text file"):
+        read_certificate(path)
+    assert not marker.exists()
+    assert runs_when_unpickled(path, marker)  # the control: the file is live

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from crafted import crafted_pickle, runs_when_unpickled
 import rcm.certify as certify_mod
 from rcm import paths
 from rcm.certificate import read_certificate
@@ -132,6 +133,22 @@ def test_a_partial_file_of_other_settings_is_not_resumed(digits_results, stub_mo
     rows = _rows(certify_shard(o=o, **common))
     assert "starting this shard over" in capsys.readouterr().err
     assert rows == _rows(certify_shard(o=o, **{**common, "results": str(_copy_data(digits_results))}))
+
+
+def test_a_partial_file_holding_a_pickle_is_started_over_unrun(digits_results, stub_models, tmp_path, capsys):
+    """A partial file is read as text, its rows with json.loads: bytes that are no fingerprint line are
+    another run's, never unpickled."""
+    o = CertifyOptions(n0=10, n=50, batch_size=50, skip=40)
+    common = dict(dataset="digits", results=str(digits_results), method="gaussian", sigma="0.5", shard=0,
+                  progress=False)
+    marker, out = tmp_path / "ran", paths.certificate(digits_results, "digits", "gaussian", 0.5, 0, 1)
+    partial_path(out).parent.mkdir(parents=True)
+    partial_path(out).write_bytes(crafted_pickle(marker))
+    rows = _rows(certify_shard(o=o, **common))
+    assert "starting this shard over" in capsys.readouterr().err and not marker.exists()
+    assert rows == _rows(certify_shard(o=o, **{**common, "results": str(_copy_data(digits_results))}))
+    partial_path(out).write_bytes(crafted_pickle(marker))
+    assert runs_when_unpickled(partial_path(out), marker)  # the control: the file is live
 
 
 @pytest.mark.parametrize("argv,message", [

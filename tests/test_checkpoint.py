@@ -93,3 +93,49 @@ def test_every_checkpoint_rcm_writes_loads_safely(tmp_path):
     payload = load_checkpoint(path)
     assert payload["step"] == 3 and payload["optimizer"]["state"][0]["step"] == 1
     assert torch.equal(payload["rng"], rng) and payload["metrics"][0]["loss"] == 0.5
+
+
+def _not_checkpoints(tmp_path):
+    """Files found where a checkpoint was expected that are no torch file at all."""
+    good = tmp_path / "good.pt"
+    torch.save({"format": FORMAT, "kind": "classifier", "model_config": {}, "model": {"w": torch.zeros(64)}}, good)
+    whole = good.read_bytes()
+    files = {"random.pt": bytes(range(7, 256)) * 4, "truncated.pt": whole[: len(whole) // 2],
+             "page.pt": b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head></html>\n",
+             "empty.pt": b""}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return good, [tmp_path / name for name in files]
+
+
+def test_a_file_that_is_no_torch_file_is_named_as_such(tmp_path):
+    good, files = _not_checkpoints(tmp_path)
+    assert load_checkpoint(good)["model"]["w"].shape == (64,)  # the control: the truncated one's whole
+    for path in files:
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(path)
+        message = str(err.value)
+        assert message.startswith(f"not a torch checkpoint: {path} ") and "\n" not in message, message
+        assert "Python objects" not in message and "refused" not in message
+    with pytest.raises(CheckpointError, match="truncated or damaged zip"):
+        load_checkpoint(tmp_path / "truncated.pt")
+    with pytest.raises(CheckpointError, match="HTML page"):
+        load_checkpoint(tmp_path / "page.pt")
+
+
+def test_every_row_of_the_readers_table_names_tests_that_exist():
+    """docs/architecture.md, "What rcm reads, and how": each row names at least one test, and each named
+    test function exists in the named file."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs/architecture.md").read_text()
+    section = text[text.index("## What rcm reads, and how"):]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| file ")]
+    assert len(rows) >= 10
+    for row in rows:
+        named = re.findall(r"`(test_\w+\.py)::(test_\w+)`", row.rstrip(" |").rsplit(" | ", 1)[-1])
+        assert named, f"no test named in: {row[:80]}"
+        for file, name in named:
+            assert re.search(rf"^def {name}\(", (root / "tests" / file).read_text(), re.M), f"{file}::{name}"

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from crafted import RunsCode
 from rcm import cli, paths
 from rcm.checkpoint import save_checkpoint
 from rcm.data import prepare
@@ -220,6 +221,21 @@ def test_import_errors_name_the_path(tmp_path):
     (cond / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
     with pytest.raises(CheckpointError, match="UNet2DConditionModel"):
         load_pretrained(cond)
+
+
+def test_a_diffusers_folder_with_a_crafted_bin_is_refused_before_anything_runs(tmp_path):
+    """diffusers reads a .bin with torch.load(weights_only=True) (and never looks for code in a folder
+    loaded with local_files_only): a crafted weights file is refused in one line, unrun."""
+    folder, marker = tmp_path / "unet", tmp_path / "ran"
+    _reference_unet().save_pretrained(folder)
+    for f in folder.glob("diffusion_pytorch_model*"):
+        f.unlink()
+    torch.save({"x": RunsCode(marker)}, folder / "diffusion_pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="unet holds weights with Python objects besides tensors: refused"):
+        load_pretrained(folder)
+    assert not marker.exists()
+    torch.load(folder / "diffusion_pytorch_model.bin", weights_only=False)  # the control: the file is live
+    assert marker.exists()
 
 
 # ----------------------------------------------------------------------------- the stage

@@ -292,6 +292,28 @@ def test_a_crafted_source_file_is_refused_before_anything_runs(tmp_path, fmt, op
     assert not marker.exists() and not (tmp_path / "out.pt").exists()
 
 
+def test_the_parse_time_check_of_a_source_never_runs_it(tmp_path):
+    """The workflow checks each pretrained source while it parses (check_source): a zip is opened with
+    torch.load(weights_only=True), a .safetensors with safetensors, and a legacy pickle not at all."""
+    from rcm.importers import check_source
+
+    marker = tmp_path / "ran"
+    torch.save({"conv1.weight": torch.zeros(1), "x": _RunsCode(marker)}, tmp_path / "evil.pt")
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump({"x": _RunsCode(marker)}, f)
+    (tmp_path / "evil.safetensors").write_bytes((tmp_path / "evil.pkl").read_bytes())
+    assert "cannot be read safely" in check_source(str(tmp_path / "evil.pt"), "cohen")[0]
+    assert check_source(str(tmp_path / "evil.pkl"), "cohen") == []  # left to the import job, which refuses it
+    assert "not a readable safetensors file" in check_source(str(tmp_path / "evil.safetensors"), "timm",
+                                                              "--model resnet18")[0]
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        import_model("timm", tmp_path / "evil.safetensors", tmp_path / "out.pt", model="resnet18")
+    assert not marker.exists()
+    with open(tmp_path / "evil.pkl", "rb") as f:
+        pickle.load(f)  # the control: the files are live
+    assert marker.exists()
+
+
 def test_cli_imports_and_reports_errors_in_one_line(tmp_path, capsys):
     _cohen_file(tmp_path / "checkpoint.pth.tar", "cifar_resnet20", CohenClassifier(arch="cifar_resnet20").net)
     assert cli(["import-model", "--format", "cohen", str(tmp_path / "checkpoint.pth.tar"),

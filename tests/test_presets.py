@@ -66,3 +66,17 @@ def test_bad_preset_inputs_are_named(tmp_path, capsys):
         presets.base_classifier(cfg, "dds", 0.25)
     assert cli(["bench", "certify", "--config", str(REPO / "config/cifar10.yaml"), "--flops_only"]) == 2
     assert "--config needs --method" in capsys.readouterr().err
+
+
+def test_a_yaml_tag_that_would_build_a_python_object_is_refused(tmp_path):
+    """Config files are read as plain YAML (yaml.safe_load): a python/object tag is an error, not a call."""
+    import yaml
+
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(f"dataset: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match=f"{evil}: not plain YAML: could not determine a constructor"):
+        presets.load_config([evil])
+    assert not marker.exists()
+    yaml.unsafe_load(evil.read_text())  # the control: the tag is live
+    assert marker.exists()

@@ -567,6 +567,67 @@ def test_bad_configs_fail_before_any_job_naming_the_key(tmp_path):
     assert not (repo / "results").exists() and not (repo / "logs").exists()
 
 
+def test_cifar10_root_must_hold_the_batches_folder(tmp_path):
+    """Parse time: data.root holds cifar-10-batches-py/, and a root that is that folder itself is named
+    as such; the control, its parent, parses."""
+    from test_data import _write_cifar
+
+    repo = make_copy(tmp_path / "repo")
+    _write_cifar(repo / "cifar")
+    (repo / "elsewhere").mkdir()
+    cases = {"cifar": None,
+             "cifar/cifar-10-batches-py": "data.root points at the cifar-10-batches-py folder itself; "
+                                          "set it to its parent ('cifar')",
+             "elsewhere": "data.root: 'elsewhere' holds no cifar-10-batches-py/ (it must hold "
+                          "cifar-10-batches-py/ with data_batch_1"}
+
+    def attempt(root):
+        config = overlay(tmp_path, re.sub(r"\W", "_", root), {"dataset": "cifar10", "data": {"root": root, "unverified": True}})
+        return snakemake(repo, "-n", "--configfile", config)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        results = dict(zip(cases, pool.map(attempt, cases)))
+    assert results["cifar"].returncode == 0, tail(results["cifar"])
+    for root, message in cases.items():
+        if message:
+            r = results[root]
+            out = r.stdout + r.stderr
+            assert r.returncode != 0 and "invalid config" in out and message in out, tail(r)
+
+
+def test_a_config_tag_that_would_build_a_python_object_is_refused(tmp_path):
+    """Snakemake reads a config file with PyYAML's FullLoader, which has no constructor for
+    python/object/apply: the workflow stops before parsing, the command never ran. (The control, that
+    the tag is live under yaml.unsafe_load, is tests/test_presets.py's.)"""
+    repo, marker = make_copy(tmp_path / "repo"), tmp_path / "ran"
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(f"methods: !!python/object/apply:os.system ['touch {marker}']\n")
+    r = snakemake(repo, "-n", "--configfile", str(evil))
+    assert r.returncode != 0 and "not valid JSON or YAML" in r.stdout + r.stderr, tail(r)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("unverified", [True, False])
+def test_the_prepare_job_refuses_a_crafted_cifar_batch(tmp_path, unverified):
+    """The workflow's prepare job on a CIFAR-10 copy whose test_batch runs a command when unpickled
+    (tests/test_data.py shows that it does): the job fails with one line in its log, naming the file
+    and the global (or, with MD5s checked, the files that are not the official ones); the command
+    never ran and no file is written under results/."""
+    from test_data import write_crafted_cifar
+
+    repo, marker = make_copy(tmp_path / "repo"), tmp_path / "ran"
+    write_crafted_cifar(repo / "cifar", marker)
+    config = overlay(tmp_path, "crafted", {"dataset": "cifar10", "data": {"root": "cifar", "unverified": unverified}})
+    r = snakemake(repo, "results/cifar10/data/test.pt", "--cores", "1", "--configfile", config)
+    assert r.returncode != 0, tail(r)
+    lines = (repo / "logs/cifar10/prepare.log").read_text().strip().splitlines()
+    expected = ("cifar/cifar-10-batches-py/test_batch refused before any of it ran: it needs the Python global "
+                "posix.system" if unverified else "are not the official files (their MD5 differs)")
+    assert len(lines) == 1 and lines[0].startswith("rcm prepare: error: ") and expected in lines[0], lines
+    assert not marker.exists()
+    assert not [p for p in (repo / "results").rglob("*") if p.is_file()]
+
+
 # ------------------------------------------------------------------------------------------ real runs
 
 @pytest.fixture(scope="session")

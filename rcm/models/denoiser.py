@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from pathlib import Path
 
 import torch
@@ -295,6 +296,12 @@ def load_pretrained(path: str | Path, schedule: dict | None = None) -> Denoiser:
     try:
         unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
     except Exception as exc:  # diffusers raises OSError/ValueError/EnvironmentError variously
+        cause = exc
+        while cause is not None and not isinstance(cause, pickle.UnpicklingError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:  # diffusers reads a .bin with torch.load(weights_only=True)
+            raise CheckpointError(f"{unet_dir} holds weights with Python objects besides tensors: refused before "
+                                  "any of it ran (diffusers loads .bin files with weights_only=True)") from None
         raise CheckpointError(f"cannot load the UNet2DModel in {unet_dir}: {type(exc).__name__}: {exc}") from exc
     ucfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in unet.config.items()
             if not k.startswith("_")}

@@ -92,10 +92,8 @@ def _path_errors(cfg: dict) -> list[str]:
     """Inputs from outside the workflow must exist now, not hours into the run."""
     lines, data = [], cfg["data"]
     root = Path(data["root"]) if data["root"] else None
-    if cfg["dataset"] == "cifar10" and not data["download"]:
-        if root is None or not root.is_dir():
-            lines.append(f"data.root: CIFAR-10 directory '{data['root']}' does not exist (it must "
-                         "hold cifar-10-batches-py/; or set data.download: true)")
+    if cfg["dataset"] == "cifar10":
+        lines += _cifar_root_errors(data, root)
     if cfg["dataset"] == "imagenet":
         for split in ("train", "val") if something_trains(cfg) else ("val",):
             if root is None or not (root / split).is_dir():
@@ -121,6 +119,26 @@ def _path_errors(cfg: dict) -> list[str]:
             continue
         lines += [f"{where}: {problem}" for problem in check_source(source, fmt, sec["pretrained_options"])]
     return lines
+
+
+def _cifar_root_errors(data: dict, root: Path | None) -> list[str]:
+    """data.root must hold cifar-10-batches-py/ (unless torchvision is to download it there)."""
+    layout = f"it must hold {paths.CIFAR_FOLDER}/ with {', '.join(paths.CIFAR_FILES)}"
+    if root is not None and root.is_dir() and not (root / paths.CIFAR_FOLDER).is_dir():
+        found = [name for name in paths.CIFAR_FILES if (root / name).is_file()]
+        if found:  # a download would go one level deeper, so this is wrong either way
+            held = ", ".join(found[:2]) + (f" and {len(found) - 2} more" if len(found) > 2 else "")
+            return [f"data.root: '{data['root']}' holds {held} itself: data.root points at the "
+                    f"{paths.CIFAR_FOLDER} folder itself; set it to its parent ('{root.parent}')"]
+    if data["download"]:
+        return []
+    if root is None or not root.is_dir():
+        return [f"data.root: CIFAR-10 directory '{data['root']}' does not exist ({layout}; or set "
+                "data.download: true)"]
+    if not (root / paths.CIFAR_FOLDER).is_dir():
+        return [f"data.root: '{data['root']}' holds no {paths.CIFAR_FOLDER}/ ({layout}, torchvision's "
+                "format; or set data.download: true)"]
+    return []
 
 
 def pretrained_sources(cfg: dict) -> list[tuple[str, str | None, str]]:
