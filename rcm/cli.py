@@ -33,7 +33,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser; only ``command``'s own arguments are added (importing just its module)."""
     parser = argparse.ArgumentParser(prog="rcm", description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (the workflow passes each job's thread count)")
+                        help="torch intra-op threads of the job (the workflow passes each job's thread count); "
+                             "under torchrun shared by the node's processes")
     parser.add_argument("--workers", type=int, default=None,
                         help="processes decoding a streamed data set (ImageNet) for training and evaluation "
                              "(default: this process's CPUs less one, at most 8; 0: decode in the main process)")
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         import torch
 
-        torch.set_num_threads(args.threads)
+        # the job's threads, shared by the processes torchrun starts on this node
+        torch.set_num_threads(max(1, args.threads // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if args.workers is not None:
         if args.workers < 0:
             print(f"rcm: error: --workers must be >= 0, got {args.workers}", file=sys.stderr)

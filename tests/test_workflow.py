@@ -1018,7 +1018,8 @@ def test_gpus_become_job_resources_and_several_launch_torchrun(fresh, tmp_path):
     torchrun processes, one with 1 or 0 as plain `rcm`; certification shards take at most one."""
     gpus = {"denoiser": 2, "classifier": 1, "finetune_denoiser": 0, "rrcm_pretrain": 4, "rrcm_finetune": 1,
             "certify": 1}
-    over = overlay(tmp_path, "gpus", {"gpus": gpus})
+    cuda = {section: {"device": "cuda"} for section, n in gpus.items() if n}
+    over = overlay(tmp_path, "gpus", {"gpus": gpus, **cuda})
     r = snakemake(fresh, "-n", "-p", "--configfile", over, "--resources", "gpu=4")
     assert r.returncode == 0, tail(r)
     text = r.stdout + r.stderr
@@ -1039,6 +1040,52 @@ def test_gpus_become_job_resources_and_several_launch_torchrun(fresh, tmp_path):
             launched = re.search(r"-m torch\.distributed\.run --standalone --nproc_per_node (\d+) -m rcm ", shell)
             assert (int(launched.group(1)) if launched else 1) == max(1, gpus[key] if key != "certify" else 1), rule
     assert all(gpu == 0 for rule, jobs in seen.items() if rule not in section for gpu, _ in jobs)
-    bad = overlay(tmp_path, "bad", {"gpus": {**gpus, "certify": 2}})
+    bad = overlay(tmp_path, "bad", {"gpus": {**gpus, "certify": 2}, **cuda})
     r = snakemake(fresh, "-n", "--configfile", bad)
     assert r.returncode != 0 and "gpus.certify" in r.stdout + r.stderr
+
+
+def test_gpu_jobs_take_one_node_and_a_multi_node_stage_runs_one_agent_per_node(fresh, tmp_path):
+    """Single-node jobs ask for one node (so SLURM cannot spread a torchrun job's GPUs over several),
+    and per GPU the `host` share of CPUs and memory; a training stage with `nodes: 2` renders one
+    torchrun agent per node under srun, meeting at a c10d rendezvous on the allocation's first host,
+    and asks for 2 nodes of `gpus` GPUs each; a stage with 0 GPUs and device auto sees no GPU."""
+    over = overlay(tmp_path, "nodes", {
+        "gpus": {"denoiser": 1, "classifier": 0, "finetune_denoiser": 0, "rrcm_pretrain": 8, "rrcm_finetune": 0,
+                 "certify": 0},
+        "nodes": {"rrcm_pretrain": 2}, "host": {"cpus_per_gpu": 6, "mem_mb_per_gpu": 40000},
+        "denoiser": {"device": "cuda"}, "rrcm_pretrain": {"device": "cuda"}, "certify": {"device": "auto"}})
+    r = snakemake(fresh, "-n", "-p", "--configfile", over)
+    assert r.returncode == 0, tail(r)
+    jobs = {}
+    for m in _BLOCK.finditer(r.stdout + r.stderr):
+        resources = re.search(r"^\s+resources: (.*)$", m.group(2), re.M)
+        shell = re.search(r"^Shell command: (.*)$", m.group(2), re.M)
+        if resources and shell:
+            jobs.setdefault(m.group(1), (dict(kv.split("=", 1) for kv in resources.group(1).split(", ")),
+                                         shell.group(1)))
+    res, shell = jobs["pretrain_rrcm"]
+    python = re.escape(sys.executable)
+    assert re.match(r'srun --nodes 2 --ntasks-per-node 1 --kill-on-bad-exit=1 ' + python + r' -m torch\.distributed\.run'
+                    r' --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d'
+                    r' --rdzv-endpoint "\$\(scontrol show hostnames "\$SLURM_JOB_NODELIST" \| head -n 1\)"'
+                    r':\$\(\(29500 \+ SLURM_JOB_ID % 1000\)\) --rdzv-id "\$SLURM_JOB_ID" -m rcm --threads \d+ pretrain-rrcm ',
+                    shell), shell
+    assert (res["nodes"], res["gres"], res["tasks"], res["mpi"], res["cpus_per_task"], res["mem_mb"]) == \
+        ("2", "gpu:8", "2", "srun", "48", "320000") and "gpu" not in res
+    res, shell = jobs["train_denoiser"]
+    assert (res["gpu"], res["nodes"], res["cpus_per_gpu"], res["mem_mb"]) == ("1", "1", "6", "40000")
+    assert shell.startswith(sys.executable) and "torch.distributed.run" not in shell
+    res, shell = jobs["certify"]
+    assert res["gpu"] == "0" and res["nodes"] == "1" and shell.startswith("CUDA_VISIBLE_DEVICES= ")
+    res, shell = jobs["train_classifier"]
+    assert res["gpu"] == "0" and not shell.startswith("CUDA_VISIBLE_DEVICES")   # device: cpu
+
+
+def test_a_stage_device_must_agree_with_its_gpus(fresh, tmp_path):
+    for config, words in [({"certify": {"device": "cuda"}}, "certify.device: 'cuda', but gpus.certify is 0"),
+                          ({"gpus": {"classifier": 1}}, "gpus.classifier: 1, but classifier.device is 'cpu'"),
+                          ({"nodes": {"classifier": 2}}, "nodes.classifier: 2 nodes need gpus.classifier >= 1"),
+                          ({"nodes": {"certify": 2}}, "nodes.certify: unknown key")]:
+        r = snakemake(fresh, "-n", "--configfile", overlay(tmp_path, "bad", config))
+        assert r.returncode != 0 and words in r.stdout + r.stderr, (config, tail(r))

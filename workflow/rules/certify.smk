@@ -19,9 +19,9 @@ rule certify:
         bench("certify", "{method}.sigma_{sigma}.shard_{shard}")
     threads: 1
     resources:
-        gpu=GPUS["certify"],
+        **gpu_resources("certify"),
     shell:
-        "{RCM} --threads {threads} certify --dataset {params.dataset} --results {params.results}"
+        "{LAUNCH[certify]} --threads {threads} certify --dataset {params.dataset} --results {params.results}"
         " --method {wildcards.method} --sigma {wildcards.sigma} --shard {wildcards.shard}"
         " {params.flags} > {log} 2>&1"
 
@@ -46,9 +46,9 @@ rule certify_cascade:
         bench("certify", "{method}.cascade.shard_{shard}")
     threads: 1
     resources:
-        gpu=GPUS["certify"],
+        **gpu_resources("certify"),
     shell:
-        "{RCM} --threads {threads} certify --dataset {params.dataset} --results {params.results}"
+        "{LAUNCH[certify]} --threads {threads} certify --dataset {params.dataset} --results {params.results}"
         " --method {wildcards.method} --sigma cascade --shard {wildcards.shard}"
         " {params.flags} {params.cascade} > {log} 2>&1"
 
@@ -73,8 +73,8 @@ rule certify_sequential:
         bench("certify", "{method}.sigma_{sigma}_sequential.shard_{shard}")
     threads: 1
     resources:
-        gpu=GPUS["certify"],
+        **gpu_resources("certify"),
     shell:
-        "{RCM} --threads {threads} certify --dataset {params.dataset} --results {params.results}"
+        "{LAUNCH[certify]} --threads {threads} certify --dataset {params.dataset} --results {params.results}"
         " --method {wildcards.method} --sigma {wildcards.sigma} --shard {wildcards.shard}"
         " {params.flags} --sequential {params.sequential} > {log} 2>&1"

@@ -21,7 +21,7 @@ rule train_classifier:
         bench("train_classifier", "sigma_{sigma}")
     threads: 1
     resources:
-        gpu=GPUS["classifier"],
+        **gpu_resources("classifier"),
     shell:
         "{LAUNCH[classifier]} --threads {threads} train-classifier --dataset {params.dataset} --results {params.results}"
         " --sigma {wildcards.sigma} {params.flags} > {log} 2>&1"

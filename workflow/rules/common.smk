@@ -83,8 +83,29 @@ def _semantic_errors(cfg: dict) -> list[str]:
         if missing:
             lines.append(f"cascades.{i}.flags.sigmas: {missing} not in sigmas {cfg['sigmas']} "
                          "(the per-sigma models of a cascade are those of `sigmas`)")
+    lines += _device_errors(cfg)
     lines += _noisy_errors(cfg)
     lines += _path_errors(cfg)
+    return lines
+
+
+def _device_errors(cfg: dict) -> list[str]:
+    """A stage's `device` and its `gpus` (and `nodes`) must agree: the workflow counts and requests
+    GPUs by `gpus`, so a job must not use one it did not ask for, nor ask for one it will not use."""
+    lines = []
+    for section, gpus in cfg["gpus"].items():
+        device = cfg[section]["device"]
+        if gpus == 0 and device.startswith("cuda"):
+            lines.append(f"{section}.device: '{device}', but gpus.{section} is 0 (its jobs would use a GPU the "
+                         f"workflow never requests or counts): set gpus.{section} >= 1, or device: auto or cpu")
+        if gpus > 0 and device == "cpu":
+            lines.append(f"gpus.{section}: {gpus}, but {section}.device is 'cpu': set device: cuda (or auto), "
+                         f"or gpus.{section}: 0")
+        if gpus > 1 and device.startswith("cuda:"):
+            lines.append(f"{section}.device: '{device}' names one GPU, but gpus.{section} is {gpus}: use 'cuda'")
+    for section, nodes in cfg["nodes"].items():
+        if nodes > 1 and cfg["gpus"].get(section, 0) < 1:
+            lines.append(f"nodes.{section}: {nodes} nodes need gpus.{section} >= 1 (the GPUs per node)")
     return lines
 
 
@@ -295,14 +316,48 @@ wildcard_constraints:
 # PATH. It is a global in the shell commands, not a param, so a venv at another path (a collaborator's
 # clone, a cluster's file system) does not count as a change of the rules' code or params.
 RCM = f"{shlex.quote(sys.executable)} -m rcm"
-# GPUs per job of each stage (config `gpus`): resources gpu=N (sbatch --gpus=N on SLURM; a limit
-# with `snakemake --resources gpu=K`); a training stage with N > 1 runs as N torchrun processes
-# (rcm.distributed), one per GPU. Not a param, so moving the venv reruns nothing.
+# GPUs per job of each stage (config `gpus`), and nodes per job of a training stage (`nodes`): resources
+# gpu=N (sbatch --gpus=N on SLURM; a limit with `snakemake --resources gpu=K`), nodes=1, and the host
+# share per GPU (`host`: --cpus-per-gpu, --mem). A training stage with N > 1 GPUs runs as N torchrun
+# processes in its job (rcm.distributed); with `nodes: M > 1` as one torchrun agent per node under
+# srun, meeting at a c10d rendezvous on the allocation's first host (SLURM only). A stage with 0 GPUs
+# and `device: auto` runs with no GPU visible, so it never uses a GPU that `--resources gpu=K` does
+# not count. None of this is a param, so moving the venv reruns nothing.
 GPUS = config["gpus"]
-LAUNCH = {section: RCM if n <= 1 else
-          f"{shlex.quote(sys.executable)} -m torch.distributed.run --standalone --nproc_per_node {n} -m rcm"
-          for section, n in GPUS.items()}
+NODES = {section: config["nodes"].get(section, 1) for section in GPUS}
+HOST = config["host"]
+PYTHON = shlex.quote(sys.executable)
 
+
+def _launch(section: str) -> str:
+    gpus, nodes = GPUS[section], NODES[section]
+    if nodes > 1:
+        first = '"$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"'
+        return (f"srun --nodes {nodes} --ntasks-per-node 1 --kill-on-bad-exit=1 {PYTHON} -m torch.distributed.run"
+                f" --nnodes {nodes} --nproc_per_node {gpus} --rdzv-backend c10d"
+                f' --rdzv-endpoint {first}:$((29500 + SLURM_JOB_ID % 1000)) --rdzv-id "$SLURM_JOB_ID" -m rcm')
+    if gpus > 1:
+        return f"{PYTHON} -m torch.distributed.run --standalone --nproc_per_node {gpus} -m rcm"
+    if gpus == 0 and config[section]["device"] == "auto":
+        return f"CUDA_VISIBLE_DEVICES= {RCM}"
+    return RCM
+
+
+LAUNCH = {section: _launch(section) for section in GPUS}
+
+
+def gpu_resources(section: str) -> dict:
+    """A stage's job resources: its GPUs on one node, or `nodes` nodes of them (sbatch --gres=gpu:N per
+    node, one task per node), with `host.cpus_per_gpu` CPUs and `host.mem_mb_per_gpu` of memory per GPU
+    (a CPU-only job: one share)."""
+    gpus, nodes = GPUS[section], NODES[section]
+    mem = lambda wildcards, attempt: max(1, gpus) * HOST["mem_mb_per_gpu"]  # noqa: E731
+    if nodes > 1:
+        return dict(nodes=nodes, gres=f"gpu:{gpus}", mpi="srun", tasks=nodes, tasks_per_gpu=0,
+                    cpus_per_task=gpus * HOST["cpus_per_gpu"], mem_mb=mem)
+    if gpus == 0:
+        return dict(gpu=0, nodes=1, mem_mb=mem)
+    return dict(gpu=gpus, nodes=1, cpus_per_gpu=HOST["cpus_per_gpu"], mem_mb=mem)
 
 def flags(section: dict) -> str:
     """A config section as `rcm` flags, exactly as DVC renders `${section}` in a cmd.

@@ -45,7 +45,7 @@ else:
             bench("train_denoiser")
         threads: 1
         resources:
-            gpu=GPUS["denoiser"],
+            **gpu_resources("denoiser"),
         shell:
             "{LAUNCH[denoiser]} --threads {threads} train-denoiser --dataset {params.dataset} --results {params.results}"
             " {params.flags} > {log} 2>&1"
@@ -70,7 +70,7 @@ rule finetune_denoiser:
         bench("finetune_denoiser")
     threads: 1
     resources:
-        gpu=GPUS["finetune_denoiser"],
+        **gpu_resources("finetune_denoiser"),
     shell:
         "{LAUNCH[finetune_denoiser]} --threads {threads} finetune-denoiser --dataset {params.dataset} --results {params.results}"
         " {params.flags} > {log} 2>&1"

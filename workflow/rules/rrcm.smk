@@ -44,7 +44,7 @@ else:
             bench("pretrain_rrcm")
         threads: 1
         resources:
-            gpu=GPUS["rrcm_pretrain"],
+            **gpu_resources("rrcm_pretrain"),
         shell:
             "{LAUNCH[rrcm_pretrain]} --threads {threads} pretrain-rrcm --dataset {params.dataset} --results {params.results}"
             " {params.flags} > {log} 2>&1"
@@ -68,7 +68,7 @@ rule finetune_rrcm:
         bench("finetune_rrcm", "sigma_{sigma}")
     threads: 1
     resources:
-        gpu=GPUS["rrcm_finetune"],
+        **gpu_resources("rrcm_finetune"),
     shell:
         "{LAUNCH[rrcm_finetune]} --threads {threads} finetune-rrcm --dataset {params.dataset} --results {params.results}"
         " --sigma {wildcards.sigma} {params.flags} > {log} 2>&1"
