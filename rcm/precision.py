@@ -70,6 +70,19 @@ def set_float32(device: torch.device, tf32: bool = False) -> dict:
     return float32_settings(device)
 
 
+def set_deterministic(on: bool) -> None:
+    """``torch.use_deterministic_algorithms(on)``: with it, cuDNN's backward passes, ``scatter_add_`` and
+    the other nondeterministic CUDA kernels are replaced by deterministic ones (or raise), so a rerun on
+    the same GPU model and software repeats a training run bit for bit. cuBLAS needs a fixed workspace
+    for that (``CUBLAS_WORKSPACE_CONFIG``, read when cuBLAS starts: set here before any CUDA work)."""
+    import os
+
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(on)
+
+
 def float32_settings(device: torch.device) -> dict:
     """What float32 arithmetic means in this process on ``device`` now (TF32 switches)."""
     if device.type != "cuda":

@@ -3,6 +3,7 @@ and the certificate is the one of the function that actually ran (docs/methods.m
 
 from __future__ import annotations
 
+import os
 import pytest
 import torch
 from torch import nn
@@ -136,3 +137,35 @@ def test_certificates_record_amp_and_each_methods_batch_size(digits_results, mon
 def test_native_support_is_reported_per_device():
     assert native_support("off", torch.device("cpu"))
     assert isinstance(native_support("bf16", torch.device("cpu")), bool)
+
+
+def test_training_applies_its_float32_and_determinism_options(digits_results, monkeypatch):
+    """`tf32` and `deterministic` of a training stage reach torch before the first step: float32 is
+    strict IEEE float32 on CUDA unless tf32 (both switches, whatever torch's defaults), and
+    deterministic turns on torch's deterministic algorithms with cuBLAS's fixed workspace."""
+    from rcm import cli
+    from rcm.train import loop
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    seen = {}
+    steps = loop._steps
+
+    def spy(*args, **kwargs):
+        seen.update(matmul=torch.backends.cuda.matmul.allow_tf32, cudnn=torch.backends.cudnn.allow_tf32,
+                    deterministic=torch.are_deterministic_algorithms_enabled(),
+                    workspace=os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+        return steps(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_steps", spy)
+    small = ["--results", str(digits_results), "--sigma", "0.5", "--steps", "1", "--eval_every", "1",
+             "--batch_size", "16", "--eval_sigmas", "0.5"]
+    try:
+        assert cli.main(["train-classifier", *small, "--tf32", "--deterministic"]) == 0
+        assert seen == dict(matmul=True, cudnn=True, deterministic=True, workspace=":4096:8")
+        assert cli.main(["train-classifier", *small]) == 0
+        assert seen == dict(matmul=False, cudnn=False, deterministic=False, workspace=":4096:8")
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.allow_tf32 = True   # torch's defaults, for the tests that follow
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")

@@ -179,8 +179,11 @@ def dry_run(cwd: Path, *args: str) -> list[Job]:
 
 def rcm_tokens(cmd: str) -> list[str]:
     """A command as `rcm` tokens (Snakemake's `<python> -m rcm` as `rcm`, and a torchrun launch of it
-    as `rcm`), without `--threads N` and the log redirection."""
+    as `rcm`), without `--threads N`, the log redirection and the hiding of GPUs from a job that asked
+    for none (`CUDA_VISIBLE_DEVICES=`: DVC runs one stage at a time and counts no GPUs)."""
     tokens = shlex.split(cmd)
+    if tokens[0] == "CUDA_VISIBLE_DEVICES=":
+        tokens = tokens[1:]
     if ">" in tokens:
         tokens = tokens[:tokens.index(">")]
     if tokens[1:3] == ["-m", "torch.distributed.run"]:

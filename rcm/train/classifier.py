@@ -54,6 +54,11 @@ class ClassifierOptions:
                              "scaling; skipped steps are logged)")
     micro_batches: int = option(1, "gradient accumulation: passes per step over each process's share of "
                                    "batch_size, which stays the global batch (rcm.distributed)")
+    tf32: bool = option(False, "CUDA: TF32 float32 matmuls and convolutions (default: strict IEEE float32; "
+                               "rcm.precision.set_float32)")
+    deterministic: bool = option(False, "CUDA: deterministic algorithms (torch.use_deterministic_algorithms, "
+                                        "CUBLAS_WORKSPACE_CONFIG): a rerun on the same GPU model and software "
+                                        "repeats the run bit for bit; slower")
     pretrained: str = option("", f"the clean classifier (sigma 0) to import instead of training "
                                  f"('' or {PLACEHOLDER}: train)")
     pretrained_format: str = option("", "its rcm import-model --format: cohen, timm or hf")
@@ -172,7 +177,8 @@ def make_run(opts: ClassifierOptions, dataset: str, results: str, sigma: float) 
                model_config=model.config, config=config, optimizer=optimizer, loss_fn=loss_fn,
                steps=opts.steps, seed=opts.seed, checkpoint_every=opts.checkpoint_every,
                eval_every=opts.eval_every, eval_fn=eval_fn, scheduler=scheduler,
-               desc=f"classifier sigma={paths.fmt_sigma(sigma)}", amp=opts.amp, micro_batches=opts.micro_batches)
+               desc=f"classifier sigma={paths.fmt_sigma(sigma)}", amp=opts.amp, micro_batches=opts.micro_batches,
+               tf32=opts.tf32, deterministic=opts.deterministic)
 
 
 def main(args) -> None:

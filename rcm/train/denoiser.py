@@ -52,6 +52,11 @@ class DenoiserOptions:
                              "scaling; skipped steps are logged)")
     micro_batches: int = option(1, "gradient accumulation: passes per step over each process's share of "
                                    "batch_size, which stays the global batch (rcm.distributed)")
+    tf32: bool = option(False, "CUDA: TF32 float32 matmuls and convolutions (default: strict IEEE float32; "
+                               "rcm.precision.set_float32)")
+    deterministic: bool = option(False, "CUDA: deterministic algorithms (torch.use_deterministic_algorithms, "
+                                        "CUBLAS_WORKSPACE_CONFIG): a rerun on the same GPU model and software "
+                                        "repeats the run bit for bit; slower")
     pretrained: str = option("", f"a denoiser to import instead of training ('' or {PLACEHOLDER}: train), "
                                  "then fine-tuned by finetune-denoiser for mdds; a diffusers folder's "
                                  "scheduler config (if any) overrides the schedule options")
@@ -124,7 +129,8 @@ def make_run(opts: DenoiserOptions, dataset: str, results: str) -> Run:
                steps=opts.steps, seed=opts.seed, checkpoint_every=opts.checkpoint_every,
                eval_every=opts.eval_every, eval_fn=eval_fn, scheduler=scheduler,
                grad_clip=opts.grad_clip or None, ema=ema, ema_decay=lambda step: opts.ema_decay,
-               desc="denoiser", amp=opts.amp, micro_batches=opts.micro_batches)
+               desc="denoiser", amp=opts.amp, micro_batches=opts.micro_batches,
+               tf32=opts.tf32, deterministic=opts.deterministic)
 
 
 def main(args) -> None:

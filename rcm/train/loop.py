@@ -41,7 +41,7 @@ from rcm import distributed
 from rcm.atomic import write_text
 from rcm.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from rcm.errors import TrainingError
-from rcm.precision import amp_dtype, autocast, warn_if_emulated
+from rcm.precision import amp_dtype, autocast, set_deterministic, set_float32, warn_if_emulated
 
 LossFn = Callable[[int, torch.Generator], tuple[torch.Tensor, dict]]
 
@@ -101,6 +101,8 @@ class Run:
     desc: str = "train"
     amp: str = "off"                                  # 'off' | 'bf16' | 'fp16' (rcm.precision)
     micro_batches: int = 1                            # gradient-accumulation passes per process and step
+    tf32: bool = False                                # CUDA: TF32 float32 arithmetic (rcm.precision.set_float32)
+    deterministic: bool = False                       # CUDA: deterministic algorithms (set_deterministic)
 
 
 class _Forward(nn.Module):
@@ -190,6 +192,8 @@ def train(run: Run) -> list[dict]:
     if run.micro_batches < 1:
         raise TrainingError(f"{run.desc}: micro_batches must be >= 1, got {run.micro_batches}")
     precision = _Precision(run)
+    set_float32(precision.device, run.tf32)
+    set_deterministic(run.deterministic)
     main = distributed.is_main()
     if main:
         warn_if_emulated(run.amp, precision.device, run.desc)

@@ -61,6 +61,11 @@ class FinetuneOptions:
                              "scaling; skipped steps are logged)")
     micro_batches: int = option(1, "gradient accumulation: passes per step over each process's share of "
                                    "batch_size, which stays the global batch (rcm.distributed)")
+    tf32: bool = option(False, "CUDA: TF32 float32 matmuls and convolutions (default: strict IEEE float32; "
+                               "rcm.precision.set_float32)")
+    deterministic: bool = option(False, "CUDA: deterministic algorithms (torch.use_deterministic_algorithms, "
+                                        "CUBLAS_WORKSPACE_CONFIG): a rerun on the same GPU model and software "
+                                        "repeats the run bit for bit; slower")
     pretrained_noisy: list[str] = option([], "the rRCM authors' fine-tuned classifiers to import instead of "
                                              "fine-tuning: SIGMA=PATH entries (format rrcm)")
     pretrained_options: str = option("", "further rcm import-model options for them, one string "
@@ -121,7 +126,8 @@ def build_run(o: FinetuneOptions, sigma: float, pretrained: Path, train_split: S
                optimizer=optimizer, loss_fn=loss_fn, steps=o.steps, seed=o.seed,
                checkpoint_every=o.checkpoint_every, eval_every=o.eval_every, eval_fn=eval_fn,
                scheduler=warmup_cosine(optimizer, o.warmup, o.steps), grad_clip=o.grad_clip or None,
-               desc=f"finetune-rrcm sigma={sigma}", amp=o.amp, micro_batches=o.micro_batches)
+               desc=f"finetune-rrcm sigma={sigma}", amp=o.amp, micro_batches=o.micro_batches,
+               tf32=o.tf32, deterministic=o.deterministic)
 
 
 def add_arguments(p) -> None:

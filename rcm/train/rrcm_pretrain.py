@@ -87,6 +87,11 @@ class PretrainOptions:
                              "scaling; skipped steps are logged)")
     micro_batches: int = option(1, "gradient accumulation: passes per step over each process's share of "
                                    "batch_size, which stays the global batch (rcm.distributed)")
+    tf32: bool = option(False, "CUDA: TF32 float32 matmuls and convolutions (default: strict IEEE float32; "
+                               "rcm.precision.set_float32)")
+    deterministic: bool = option(False, "CUDA: deterministic algorithms (torch.use_deterministic_algorithms, "
+                                        "CUBLAS_WORKSPACE_CONFIG): a rerun on the same GPU model and software "
+                                        "repeats the run bit for bit; slower")
     pretrained: str = option("", f"the rRCM authors' pretrained network (nnet.pth) to import instead of "
                                  f"pretraining ('' or {PLACEHOLDER}: train); finetune-rrcm then fine-tunes it")
     pretrained_format: str = option("", "its rcm import-model --format: rrcm")
@@ -270,7 +275,8 @@ def build_run(o: PretrainOptions, train_split: Split | FileSplit, val_split: Spl
                scheduler=warmup_cosine(optimizer, o.warmup, o.steps), grad_clip=o.grad_clip or None,
                ema=target, ema_decay=lambda k: target_decay(k, o.steps, o.ema_start, o.ema_end,
                                                             o.ema_sharpness),
-               evaluate_ema=False, desc="pretrain-rrcm", amp=o.amp, micro_batches=o.micro_batches)
+               evaluate_ema=False, desc="pretrain-rrcm", amp=o.amp, micro_batches=o.micro_batches,
+               tf32=o.tf32, deterministic=o.deterministic)
 
 
 # ----------------------------------------------------------------------------- CLI
