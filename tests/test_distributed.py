@@ -428,3 +428,38 @@ def test_each_process_builds_only_its_own_rows(tmp_path, monkeypatch):
         one = _step_bytes(run, monkeypatch, 0, 1)
         for rank in (0, 1):
             assert _step_bytes(run, monkeypatch, rank, 2) <= 0.6 * one, (name, rank)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("stage", ["train-classifier", "pretrain-rrcm"])
+def test_two_nodes_train_what_one_process_trains(single, tmp_path, stage):
+    """Two torchrun agents, as on two nodes (--nnodes 2, node ranks 0 and 1, one process each), meet at
+    a c10d rendezvous on 127.0.0.1 and train, over gloo, the weights one process trains: the
+    classifier (BatchNorm statistics over both nodes) and rRCM pretraining (InfoNCE against the keys
+    gathered from both)."""
+    argv, out = STAGES[stage]
+    root = tmp_path / "nodes"
+    shutil.copytree(single, root)
+    out(root).unlink()
+    endpoint = f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+                                "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+                                "--rdzv-id", "rcm-two-nodes", "-m", "rcm", "--threads", "1", argv[0],
+                                "--results", str(root), *argv[1:]],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+              for node in (0, 1)]
+    results = [a.communicate(timeout=600) for a in agents]
+    for agent, (stdout, stderr) in zip(agents, results):
+        assert agent.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert sum(stdout.count("wrote") for stdout, _ in results) == 1       # rank 0 alone reports
+    one, two = load_checkpoint(out(single)), load_checkpoint(out(root))
+    assert _mismatch(one["model"], two["model"], _start(single, argv, out)) <= 1, stage
+    assert two["metrics"][0]["loss"] == pytest.approx(one["metrics"][0]["loss"], rel=1e-5)
