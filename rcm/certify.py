@@ -5,6 +5,10 @@ them starting at K. The noise for image ``idx`` comes from a generator seeded by
 (seed, method, sigma, idx), so any sharding gives identical rows (time aside). The certificate is
 written atomically once the shard is done: an interrupted shard leaves no certificate, only its
 partial file (rcm.partial), from which a rerun resumes at the first unfinished image.
+
+On CUDA the noise streams and the rounding depend on the GPU model and the software (docs/methods.md,
+"What holds on GPUs"): every row records them (PROVENANCE_COLUMNS), the partial file's fingerprint holds
+them, and ``tf32`` (default off: IEEE float32) is set before any model runs.
 """
 
 from __future__ import annotations
