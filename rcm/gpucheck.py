@@ -386,6 +386,7 @@ def section_training(check: Check) -> None:
                 continue
             check.fresh()
             set_float32(check.device, False)
+            base = torch.cuda.memory_allocated(check.device) if check.device.type == "cuda" else 0
             try:
                 params, opt, loss_fn = _build(check, lambda: _stage_step(cfg, stage, batch, check.device))
                 scaler = torch.amp.GradScaler(check.device.type, enabled=amp == "fp16")
@@ -398,7 +399,9 @@ def section_training(check: Check) -> None:
                 scaler.update()
                 check.sync()
                 seconds = time.perf_counter() - start
-                peak = torch.cuda.max_memory_allocated(check.device) if check.device.type == "cuda" else None
+                # weights, gradients, optimiser state and activations of this step: what was allocated before
+                # it (nothing, normally) is not the stage's
+                peak = torch.cuda.max_memory_allocated(check.device) - base if check.device.type == "cuda" else None
                 check.row("training", item, f"{peak / 2**30:.2f} GiB peak" if peak is not None else "ran (no CUDA memory)",
                           f"batch {batch} per GPU ({gpus} GPU(s)), amp {amp}, one step {seconds:.2f} s "
                           f"(first, unwarmed); rcm.plan: {plan}")

@@ -134,14 +134,14 @@ def test_amp_training_steps_on_cuda(tmp_path, amp):
         return F.cross_entropy(logits, y), {}
 
     run = Run(out=tmp_path / "m.pt", kind="classifier", model=model, model_config={}, config={},
-              optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=loss_fn, steps=5, seed=0, amp=amp)
+              optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=loss_fn, steps=20, seed=0, amp=amp)
     train(run)
     assert set(seen) == {torch.float16 if amp == "fp16" else torch.bfloat16}
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert all(torch.isfinite(p).all() for p in model.parameters())
     payload = load_checkpoint(tmp_path / "m.pt", kind="classifier")
     assert payload["amp"] == amp and (payload["scaler"] is not None) == (amp == "fp16")
-    assert 0 <= payload["skipped_steps"] < 5
+    assert 0 <= payload["skipped_steps"] < 20          # fp16: a few overflowing steps while the scale settles
 
 
 def test_sync_batchnorm_in_a_one_process_group_equals_batchnorm(tmp_path):
