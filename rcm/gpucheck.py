@@ -109,7 +109,7 @@ def section_tests(check: Check) -> None:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=max(5.0, check.left()),
                               env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
     except subprocess.TimeoutExpired:
-        check.row("tests", "pytest -m cuda", "TIMEOUT", f"over the section's budget")
+        check.row("tests", "pytest -m cuda", "TIMEOUT", "over the section's budget")
         return
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     summary = next((line for line in reversed(lines) if " in " in line and ("passed" in line or "skipped" in line
