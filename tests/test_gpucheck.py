@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from rcm import gpucheck, paths
@@ -41,6 +42,9 @@ def test_every_section_runs_on_the_cpu_and_prints_one_table(digits_results, tmp_
     assert [r[2] for r in rows if r[0] == "| throughput"][:5] != ["skipped"] * 5
     assert by_item["digits gaussian fp32"][2].endswith("draws/s"), text
     assert by_item["digits gaussian bf16 compiled"][2].endswith("draws/s")
+    ratio = by_item["digits rRCM : DDS latency (fp32)"][2]
+    rates = {m: float(by_item[f"digits {m} fp32"][2].split()[0]) for m in ("rrcm", "dds")}
+    assert float(ratio[:-1]) == pytest.approx(rates["rrcm"] / rates["dds"], rel=0.01)
     assert {f"digits {s}" for s in gpucheck.STAGES} <= set(by_item)
     assert all(by_item[f"digits {s}"][2] == "ran (no CUDA memory)" for s in gpucheck.STAGES), text
     assert by_item["gaussian sigma 0.5"][2] == "3/3 predictions agree"      # the CPU against itself
