@@ -178,3 +178,35 @@ def test_the_gpu_claim_gives_this_process_a_cuda_device_it_is_current_on(tmp_pat
     index = device.index if device.index is not None else torch.cuda.current_device()
     assert torch.cuda.current_device() == index
     assert torch.zeros(1, device="cuda").device.index == index
+
+
+def test_an_interrupted_cuda_shard_resumes_to_the_uninterrupted_certificate(digits_results, monkeypatch, tmp_path,
+                                                                             capsys):
+    """Bit-for-bit resume on one GPU: the rows certified before an interruption, then the rest, equal an
+    uninterrupted run's (time aside)."""
+    import shutil
+
+    from rcm import paths
+    from rcm.partial import partial_path
+
+    calls = {"n": 0}
+
+    class Dies(Guesser):
+        def forward(self, x):
+            calls["n"] += 1
+            if calls["n"] > 9:
+                raise KeyboardInterrupt
+            return super().forward(x)
+
+    other = tmp_path / "uninterrupted"
+    shutil.copytree(digits_results / "digits", other / "digits")
+    with pytest.raises(KeyboardInterrupt):
+        _certify(monkeypatch, digits_results, Dies(), "cuda")
+    out = paths.certificate(digits_results, "digits", "gaussian", 0.5, 0, 1)
+    assert not out.exists() and len(partial_path(out).read_text().splitlines()) >= 2
+    calls["n"] = -10 ** 9
+    capsys.readouterr()
+    resumed = _certify(monkeypatch, digits_results, Guesser(), "cuda")
+    assert "resuming after 1 certified images" in capsys.readouterr().err
+    fresh = _certify(monkeypatch, other, Guesser(), "cuda")
+    assert resumed.drop(columns=["time"]).equals(fresh.drop(columns=["time"]))
