@@ -146,7 +146,9 @@ class FixedBatch(nn.Module):
     on it (a convolution's fake kernel guards the batch size against its algorithm thresholds), so a
     shard could still compile two or three times. Padding makes one shape, hence one compilation per
     shard, guaranteed. Its cost is the padded rows: at most batch_size - 1 wasted rows per call of
-    ``Smooth.sample_counts`` (under 1% at n0 = 100, n = 100 000, batch 1 000). The padded rows are
+    ``Smooth.sample_counts`` (under 1% at n0 = 100, n = 100 000, batch 1 000; more in sequential
+    certification, whose every look ends in a short batch: looks of 100, 50, 75, ... draws each cost a
+    full batch while they are smaller than it). The padded rows are
     never counted: they are sliced off before ``Smooth`` takes the argmax, and the noise stream is not
     touched (only the real rows' noise is drawn).
     """
