@@ -103,23 +103,33 @@ def _build(check: Check, build):
 # ----------------------------------------------------------------------------------------------- tests
 
 def section_tests(check: Check) -> None:
+    """pytest -m cuda in a subprocess, verbose so that a run cut off by the section's deadline still
+    says which tests passed and failed before it."""
     target = ["tests/test_cuda.py"] if check.quick else ["tests"]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "-rfEs", *target]
+    cmd = [sys.executable, "-m", "pytest", "-v", "-m", "cuda", "-p", "no:cacheprovider", "-rfE", *target]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=max(5.0, check.left()),
-                              env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
-    except subprocess.TimeoutExpired:
-        check.row("tests", "pytest -m cuda", "TIMEOUT", "over the section's budget")
-        return
-    lines = (proc.stdout + proc.stderr).strip().splitlines()
-    summary = next((line for line in reversed(lines) if " in " in line and ("passed" in line or "skipped" in line
-                                                                           or "failed" in line or "error" in line
-                                                                           or "no tests ran" in line)), "")
-    check.row("tests", "pytest -m cuda", "ok" if proc.returncode == 0 else f"exit {proc.returncode}",
-              summary.strip("= ") or (lines[-1] if lines else ""))
-    for line in lines:
-        if line.startswith(("FAILED", "ERROR")):
-            check.row("tests", line.split(" ", 1)[1].split(" - ")[0], line.split(" ", 1)[0], line.split(" - ", 1)[-1][:200])
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=max(5.0, check.left()), env=env)
+        output, result = proc.stdout + proc.stderr, "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
+    except subprocess.TimeoutExpired as exc:
+        output = "".join(o.decode(errors="replace") if isinstance(o, bytes) else (o or "") for o in (exc.stdout, exc.stderr))
+        result = "TIMEOUT"
+    lines = output.strip().splitlines()
+    outcomes = {}
+    for line in lines:                                   # "tests/test_cuda.py::test_x PASSED [ 12%]"
+        parts = line.split()
+        if len(parts) >= 2 and "::" in parts[0] and parts[1] in ("PASSED", "FAILED", "SKIPPED", "ERROR", "XFAIL"):
+            outcomes[parts[0]] = parts[1]
+    counts = ", ".join(f"{sum(v == k for v in outcomes.values())} {k.lower()}"
+                       for k in ("PASSED", "FAILED", "ERROR", "SKIPPED") if k in outcomes.values())
+    summary = next((line.strip("= ") for line in reversed(lines) if " in " in line and line.startswith("=")), "")
+    check.row("tests", "pytest -m cuda", result, (summary or counts or (lines[-1][:200] if lines else "no output"))
+              + (" (cut off by the section's deadline)" if result == "TIMEOUT" else ""))
+    for test, outcome in outcomes.items():
+        if outcome in ("FAILED", "ERROR"):
+            reason = next((line.split(" - ", 1)[-1] for line in lines
+                           if line.startswith(outcome) and test in line and " - " in line), "")
+            check.row("tests", test.split("::", 1)[-1], outcome, reason[:200])
 
 
 # ------------------------------------------------------------------------------------------ throughput
