@@ -583,11 +583,12 @@ def main(argv: list[str] | None = None) -> int:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     check = Check(device, args.quick, args.budget, args.results)
+    from rcm.precision import set_float32
+
+    set_float32(device, False)          # IEEE float32 unless a row asks for TF32 (torch's default: TF32 convolutions)
     try:
         run(check)
     finally:
-        from rcm.precision import set_float32
-
         set_float32(device, False)
         text = table(check)
         print(text)
