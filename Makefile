@@ -13,7 +13,7 @@ CONFIG ?=
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS ?= 1
 
-.PHONY: install run test test-fast repro pull report-html clean
+.PHONY: install run test test-fast gpu-check repro pull report-html clean
 
 $(BIN)/rcm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not slurm"
+
+# One CUDA GPU's check (rcm/gpucheck.py): the tests marked `cuda`, certification throughput per method and
+# precision, one training step's peak memory per stage, the default run's models on CUDA against the CPU;
+# one table in under 8 minutes, also written to $$OUT/gpu_check.md (else ./gpu_check.md). Without CUDA it
+# says so and exits 0. It uses the venv when there is one and does not install (a GPU node may be offline).
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m rcm.gpucheck
 
 # the same stages through DVC (dvc.yaml reads config/config.yaml)
 repro: install

@@ -24,7 +24,7 @@ from rcm import paths
 from rcm.errors import ConfigError
 from rcm.flops import count_flops, flops_per_sample
 from rcm.options import resolve_device
-from rcm.precision import AMP, native_support, wrap
+from rcm.precision import AMP, native_support, set_float32, wrap
 from rcm.smoothing import Smooth
 
 
@@ -48,6 +48,8 @@ def add_arguments(p) -> None:
     p.add_argument("--amp", choices=AMP, default="off", help="autocast around the base classifier (rcm.precision)")
     p.add_argument("--channels_last", action="store_true", help="channels-last convolutions")
     p.add_argument("--compile", action="store_true", help="torch.compile the base classifier (compile time excluded)")
+    p.add_argument("--tf32", action="store_true", help="CUDA: float32 matmuls and convolutions in TF32 "
+                                                       "(rcm.precision.set_float32; off: IEEE float32)")
     p.add_argument("--against_fp32", action="store_true",
                    help="also measure the same network in plain float32 and print the speed-up")
     p.add_argument("--arch", default="", help="or an untrained network of this shape: cifar_resnet20, "
@@ -116,7 +118,16 @@ def matmul_size(device: torch.device) -> int:
 
 
 def matmul_peak(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
-    """Best FP32 FLOP/s of a size x size matmul on ``device`` (TF32 stays off: torch's default)."""
+    """Best FP32 FLOP/s of a size x size matmul on ``device`` (IEEE float32: TF32 off while it runs)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return _matmul_peak(device, size, repeats)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _matmul_peak(device: torch.device, size: int, repeats: int) -> float:
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
     best = float("inf")
@@ -134,10 +145,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def batch_shapes(batch_size: int, *draws: int) -> list[int]:
+    """The batch sizes ``Smooth.sample_counts`` runs for each of ``draws`` draws: full batches and the
+    remainder."""
+    return sorted({min(d, batch_size) for d in draws if d > 0} | {d % batch_size for d in draws if d % batch_size})
+
+
+def warm_up(smooth: Smooth, x: torch.Tensor, shapes: list[int], batch_size: int, device: torch.device,
+            gen: torch.Generator) -> None:
+    """One batch of each size that is then timed: compilation, cuDNN's and cuBLAS's per-shape algorithm
+    choice and the allocator's first blocks happen here, not in a timed run."""
+    for b in shapes:
+        smooth.sample_counts(x, b, batch_size, gen)
+    _sync(device)
+
+
 def _rate(smooth: Smooth, x: torch.Tensor, args, device: torch.device, gen: torch.Generator) -> float:
-    """Best-of-three noise samples per second of ``smooth`` at x (after one warm-up batch)."""
-    smooth.sample_counts(x, args.batch_size, args.batch_size, gen)  # warm-up (and compilation)
+    """Best-of-three noise samples per second of ``smooth`` at x (after a warm-up batch of each size)."""
     draws = max(args.batch_size, min(args.measure_max, 20 * args.batch_size))
+    warm_up(smooth, x, batch_shapes(args.batch_size, draws), args.batch_size, device, gen)
     best = float("inf")
     for _ in range(3):  # best of three: on shared cores the fastest run is the least disturbed one
         _sync(device)
@@ -150,18 +176,23 @@ def _rate(smooth: Smooth, x: torch.Tensor, args, device: torch.device, gen: torc
 
 def bench_certify(args) -> dict:
     device = resolve_device(args.device)
+    set_float32(device, args.tf32)
     model, description, num_classes, shape = _model(args, device)
     model = model.to(device).eval()
     x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(device)
     gen = torch.Generator(device=device).manual_seed(0)
     flops = flops_per_sample(model, x)
     fp32_rate = _rate(Smooth(model, num_classes, args.sigma), x, args, device, gen) if args.against_fp32 else None
-    smooth = Smooth(wrap(model, args.amp, args.channels_last, args.compile), num_classes, args.sigma)
+    smooth = Smooth(wrap(model, args.amp, args.channels_last, args.compile, args.batch_size), num_classes,
+                    args.sigma)
     rate = _rate(smooth, x, args, device, gen)
 
     per_image = {}
+    measured = [n for n in args.ns if n <= args.measure_max]
+    warm_up(smooth, x, batch_shapes(args.batch_size, args.n0, *measured), args.batch_size, device, gen)
     for n in args.ns:
         if n <= args.measure_max:
+            _sync(device)
             start = time.perf_counter()
             for _ in range(args.images):
                 smooth.certify(x, args.n0, n, 0.001, args.batch_size, gen)
@@ -178,7 +209,8 @@ def bench_certify(args) -> dict:
 
 
 def _precision_text(args) -> str:
-    parts = ["float32" if args.amp == "off" else f"autocast {args.amp}"]
+    parts = [("TF32" if args.tf32 else "float32") if args.amp == "off" else f"autocast {args.amp}"]
+    parts += ["TF32 float32 layers"] if args.tf32 and args.amp != "off" else []
     parts += ["channels-last"] if args.channels_last else []
     parts += ["torch.compile"] if args.compile else []
     return ", ".join(parts)

@@ -5,6 +5,10 @@ them starting at K. The noise for image ``idx`` comes from a generator seeded by
 (seed, method, sigma, idx), so any sharding gives identical rows (time aside). The certificate is
 written atomically once the shard is done: an interrupted shard leaves no certificate, only its
 partial file (rcm.partial), from which a rerun resumes at the first unfinished image.
+
+On CUDA the noise streams and the rounding depend on the GPU model and the software (docs/methods.md,
+"What holds on GPUs"): every row records them (PROVENANCE_COLUMNS), the partial file's fingerprint holds
+them, and ``tf32`` (default off: IEEE float32) is set before any model runs.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from rcm.flops import flops_per_sample
 from rcm.models.factory import METHODS, base_classifier, checkpoints
 from rcm.options import add_options, add_stage_options, from_args, option, resolve_device
 from rcm.partial import PartialRows, file_stamp
-from rcm.precision import amp_dtype, warn_if_emulated, wrap
+from rcm.precision import amp_dtype, arithmetic_provenance, set_float32, warn_if_emulated, wrap
 from rcm.report import DEFAULT_RADII
 from rcm.smoothing import Smooth, noise_generator
 
@@ -40,6 +44,11 @@ SEQUENTIAL_COLUMNS = EXTRA_COLUMNS + ("sequential", "radii")
 # alpha_guaranteed: the level the union bound guarantees (alpha unless the split is 'harmonic')
 CASCADE_COLUMNS = ("sigma", "stage", "n0", "n", "alpha", "alpha_split", "alpha_guaranteed", "p0", "count_a",
                    "p_a_lower", "seed", "batch_size", "flops", "amp")
+# the arithmetic the rows depend on beyond the protocol (rcm.precision.arithmetic_provenance), last in
+# every certificate: device type and model, compute capability (empty on a CPU), torch / CUDA / cuDNN
+# versions, and whether float32 matmuls and cuDNN convolutions ran in TF32 (1) or IEEE float32 (0)
+PROVENANCE_COLUMNS = ("device_type", "device_name", "capability", "torch", "cuda", "cudnn", "tf32_matmul",
+                      "tf32_cudnn")
 
 
 @dataclass
@@ -55,7 +64,10 @@ class CertifyOptions:
     amp: str = option("off", "off | bf16 | fp16: autocast around the base classifier only; the noise is drawn "
                              "and added in float32 (docs/methods.md, 'Mixed precision')")
     channels_last: bool = option(False, "run the base classifier's convolutions in channels-last layout")
-    compile: bool = option(False, "torch.compile the base classifier (compiles once per shard job)")
+    compile: bool = option(False, "torch.compile the base classifier (compiles once per shard job: batches "
+                                  "shorter than the batch size are padded to it, the padding never counted)")
+    tf32: bool = option(False, "CUDA: float32 matmuls and convolutions in TF32 (10-bit mantissa); off: IEEE "
+                               "float32, whatever torch's defaults (rcm.precision.set_float32)")
     skip: int = option(1, "certify every skip-th test image")
     max_images: int = option(0, "at most this many images (0: all)")
     seed: int = option(0, "noise seed; image idx uses (seed, method, sigma, idx)")
@@ -140,6 +152,8 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
     if sequential and (not radii or min(radii) < 0):
         raise ConfigError(f"--radii must list radii >= 0 for --sequential, got {radii}")
     device = resolve_device(o.device)
+    set_float32(device, o.tf32)                 # before any model runs (FLOPs are counted on one)
+    arithmetic = arithmetic_provenance(device)
     split = load_split(paths.prepared(results, dataset, "test"))
     rows = split.certification_rows(o.skip, o.max_images or None)[shard::o.shards]
     cascade = sigma == paths.CASCADE
@@ -151,8 +165,8 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
         if hasattr(m, "describe"):
             print(f"certify: {method} at sigma {s}: {m.describe(split.images.shape[-1])}", file=sys.stderr)
     warn_if_emulated(o.amp, device, "certify")
-    members = [(s, wrap(m, o.amp, o.channels_last, o.compile)) for s, m in members]
     batch_size = batch_size_of(method, o)
+    members = [(s, wrap(m, o.amp, o.channels_last, o.compile, batch_size)) for s, m in members]
     out = paths.certificate(results, dataset, method, sigma, shard, o.shards, sequential=sequential)
 
     smooth = None if cascade else Smooth(members[0][1], split.num_classes, members[0][0])
@@ -161,6 +175,9 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
     fingerprint = dict(protocol=asdict(o) | {"device": device.type}, method=method, sigma=sigma, shard=shard,
                        sigmas=sigmas, p0=p0, alpha_split=alpha_split, sequential=sequential,
                        radii=radii if sequential else None,
+                       # CUDA's noise (Philox) and rounding depend on the GPU model, the versions, TF32: a
+                       # resume on another GPU model or software must not mix two noise streams in one shard
+                       arithmetic=arithmetic,
                        files=[file_stamp(f) for f in models + [str(paths.prepared(results, dataset, "test"))]
                               if Path(f).exists()])
     partial = PartialRows(out, fingerprint)
@@ -203,13 +220,14 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
         elapsed = time.perf_counter() - start
         records.append(dict(idx=idx, label=label, predict=prediction, radius=radius,
                             correct=int(prediction == label), time=elapsed,
-                            n0=o.n0, n=o.n, alpha=o.alpha, seed=o.seed, batch_size=batch_size, amp=o.amp, **extra))
+                            n0=o.n0, n=o.n, alpha=o.alpha, seed=o.seed, batch_size=batch_size, amp=o.amp, **extra,
+                            **{c: arithmetic[c] for c in PROVENANCE_COLUMNS}))
         partial.append(records[-1])
     bar.close()
     finished = False
     try:
-        write_certificate(out, records, CASCADE_COLUMNS if cascade else
-                          SEQUENTIAL_COLUMNS if sequential else EXTRA_COLUMNS)
+        columns = CASCADE_COLUMNS if cascade else SEQUENTIAL_COLUMNS if sequential else EXTRA_COLUMNS
+        write_certificate(out, records, columns + PROVENANCE_COLUMNS)
         finished = True
     finally:
         partial.close(finished=finished)

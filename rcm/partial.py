@@ -2,8 +2,10 @@
 (flushed and synced as it goes), and a rerun of the same shard resumes after the rows it finds.
 
 The partial file sits beside the certificate, hidden: ``.shard_K-of-N.tsv.partial``. Its first line
-fingerprints the run (the protocol options and the size and modification time of every model file
-and of the test split); a rerun with another fingerprint starts over, so rows certified under other
+fingerprints the run (the protocol options, the size and modification time of every model file and
+of the test split, and the arithmetic: device model, compute capability, torch / CUDA / cuDNN versions,
+TF32 switches, since CUDA's noise streams depend on the GPU model); a rerun with another fingerprint
+starts over, so rows certified under other
 settings or other models never mix into a certificate. Then one JSON object per finished image: a
 row written by a process killed mid-line is incomplete JSON and is dropped (that image is certified
 again). JSON keeps floats exactly, so the final certificate equals an uninterrupted run's (the time

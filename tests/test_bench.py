@@ -79,3 +79,34 @@ def test_bench_load_prints_the_rate_of_streamed_batches(tmp_path, monkeypatch, c
     out = capsys.readouterr().out
     assert re.search(r"load imagenet train \(13 files, streamed, 3 x 32 x 32\), 1 worker\(s\), batch 4: "
                      r"[0-9.e+]+ images/s, [0-9.]+ s per step", out), out
+
+
+def test_bench_warms_up_every_batch_shape_it_times(monkeypatch, capsys):
+    """Every batch size the timed runs use has run before, in a warm-up (compilation, cuDNN's per-shape
+    algorithm choice): 250 draws in batches of 100 time shapes 100 and 50; n0 = 30 and n = 170 add 30
+    and 70."""
+    import rcm.bench as bench
+    from rcm.models.classifier import Classifier
+
+    seen, warming = [], []
+    net = Classifier(in_channels=1, num_classes=10, image_size=8)
+    net.register_forward_pre_hook(lambda m, inputs: seen.append((inputs[0].shape[0], bool(warming))))
+    monkeypatch.setattr(bench, "_model", lambda args, device: (net, "a classifier", 10, (1, 8, 8)))
+    real = bench.warm_up
+
+    def recording(*a, **k):
+        warming.append(1)
+        try:
+            real(*a, **k)
+        finally:
+            warming.clear()
+
+    monkeypatch.setattr(bench, "warm_up", recording)
+    assert cli(["bench", "certify", "--ns", "170", "--n0", "30", "--measure_max", "250", "--images", "1",
+                "--batch_size", "100", "--device", "cpu"]) == 0
+    first = next(i for i, (_, w) in enumerate(seen) if w)      # before it: one pass counts the FLOPs
+    timed = {b for b, w in seen[first:] if not w}
+    assert timed == {100, 50, 30, 70}
+    for i, (b, w) in enumerate(seen[first:], first):
+        assert w or (b, True) in seen[first:i], f"a batch of {b} timed before any warm-up batch of that size"
+    assert bench.batch_shapes(100, 250) == [50, 100] and bench.batch_shapes(100, 30, 170) == [30, 70, 100]

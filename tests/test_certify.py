@@ -273,3 +273,139 @@ def test_kill_9_mid_shard_then_rerun_equals_an_uninterrupted_run(digits_results,
     certify(other)
     resumed, fresh = _rows(out), _rows(paths.certificate(other, "digits", "gaussian", 0.5, 0, 1))
     assert len(resumed) == 12 and resumed == fresh
+
+
+def test_certificates_record_the_arithmetic_after_cohens_columns(digits_results, stub_models):
+    """Device model, capability, versions and TF32 switches are columns after Cohen's six (the community's
+    scripts read those six by name), and the reader and the report take them."""
+    from rcm.certify import PROVENANCE_COLUMNS
+    from rcm.precision import arithmetic_provenance
+
+    o = CertifyOptions(n0=10, n=50, batch_size=25, skip=90, tf32=True)
+    path = certify_shard(dataset="digits", results=str(digits_results), method="gaussian", sigma="0.5",
+                         shard=0, o=o, progress=False)
+    header = path.read_text().splitlines()[0].split("\t")
+    assert header[:6] == ["idx", "label", "predict", "radius", "correct", "time"]
+    assert tuple(header[-len(PROVENANCE_COLUMNS):]) == PROVENANCE_COLUMNS
+    df = read_certificate(path)
+    facts = arithmetic_provenance(torch.device("cpu"))
+    assert set(df.device_type) == {"cpu"} and set(df.device_name.astype(str)) == {facts["device_name"]}
+    assert set(df.torch) == {torch.__version__}
+    assert set(df.tf32_matmul) == set(df.tf32_cudnn) == {0}       # TF32 does not exist on a CPU
+    assert df.capability.isna().all() and df.cuda.isna().all()
+    out = digits_results / "report"
+    assert cli(["report", str(path), "--out", str(out)]) == 0
+
+
+@pytest.fixture
+def float32_restored():
+    """set_float32 changes process-wide switches: put torch's back after the test."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+    torch.set_float32_matmul_precision(saved[2])
+
+
+def test_tf32_option_sets_both_switches_before_the_models_run(digits_results, monkeypatch, float32_restored):
+    seen = []
+
+    class Records(NoisyDigitGuesser):
+        def forward(self, x):
+            seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+            return super().forward(x)
+
+    monkeypatch.setattr(certify_mod, "base_classifier", lambda *a, **k: Records())
+    common = dict(dataset="digits", results=str(digits_results), method="gaussian", sigma="0.5", shard=0,
+                  progress=False)
+    torch.backends.cudnn.allow_tf32 = True             # torch's own default for convolutions
+    certify_shard(o=CertifyOptions(n0=10, n=20, batch_size=25, skip=90), **common)
+    assert set(seen) == {(False, False)}
+    seen.clear()
+    certify_shard(o=CertifyOptions(n0=10, n=20, batch_size=25, skip=90, tf32=True), **common)
+    assert set(seen) == {(True, True)}
+
+
+def test_a_partial_file_of_another_gpu_model_or_tf32_setting_is_not_resumed(digits_results, monkeypatch, capsys):
+    """CUDA noise depends on the GPU model: a shard interrupted on one GPU and rerun on another starts
+    over, so one certificate never mixes two noise streams; on the same model it resumes."""
+    from rcm.precision import arithmetic_provenance
+
+    def on(name, tf32=False):
+        facts = dict(arithmetic_provenance(torch.device("cpu")), device_name=name, tf32_cudnn=tf32)
+        monkeypatch.setattr(certify_mod, "arithmetic_provenance", lambda device: facts)
+
+    calls = {"n": 0}
+
+    class Dies(NoisyDigitGuesser):
+        def forward(self, x):
+            calls["n"] += 1
+            if calls["n"] > 5:          # one pass counts FLOPs, then two per image
+                raise KeyboardInterrupt
+            return super().forward(x)
+
+    o = CertifyOptions(n0=10, n=50, batch_size=50, skip=30)
+    common = dict(dataset="digits", results=str(digits_results), method="rrcm", sigma="0.25", shard=0, o=o,
+                  progress=False)
+    out = paths.certificate(digits_results, "digits", "rrcm", 0.25, 0, 1)
+    seen = []
+    monkeypatch.setattr(certify_mod.Smooth, "certify_with_details",
+                        _recording(certify_mod.Smooth.certify_with_details, seen))
+
+    def interrupted(name, tf32=False):
+        on(name, tf32)
+        calls["n"] = 0
+        monkeypatch.setattr(certify_mod, "base_classifier", lambda *a, **k: Dies())
+        with pytest.raises(KeyboardInterrupt):
+            certify_shard(**common)
+        assert len(partial_path(out).read_text().splitlines()) == 1 + 2
+        monkeypatch.setattr(certify_mod, "base_classifier", lambda *a, **k: NoisyDigitGuesser())
+        seen.clear()
+        capsys.readouterr()
+
+    interrupted("NVIDIA A100-SXM4-80GB")
+    on("NVIDIA A100-SXM4-80GB")                                     # the same GPU model resumes
+    rows = read_certificate(certify_shard(**common))
+    assert len(seen) == len(rows) - 2 and "resuming after 2" in capsys.readouterr().err
+    for name, tf32 in [("NVIDIA H100 80GB HBM3", False), ("NVIDIA A100-SXM4-80GB", True)]:
+        interrupted("NVIDIA A100-SXM4-80GB")
+        on(name, tf32)                                              # another model, or TF32: start over
+        rows = read_certificate(certify_shard(**common))
+        assert len(seen) == len(rows) == 12 and "starting this shard over" in capsys.readouterr().err
+        assert set(rows.device_name) == {name} and set(rows.tf32_cudnn) == {int(tf32)}
+
+
+class CountingNet(NoisyDigitGuesser):
+    """A network of its own class, so that no other test's compiled code is reused."""
+
+
+def test_compile_compiles_once_per_shard_whatever_the_batch_shapes(digits_results, monkeypatch):
+    """n0 = 7, n = 51, batch 25: batches of 7, 25 and 1 rows; padded to 25, the network is compiled once,
+    and the certificate equals the uncompiled one (the padded rows are never counted)."""
+    import functools
+
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()                 # a backend that counts compilations and runs the graph as is
+    shapes = []
+
+    class Net(CountingNet):
+        def forward(self, x):
+            shapes.append(x.shape[0])
+            return super().forward(x)
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counter))
+    monkeypatch.setattr(certify_mod, "base_classifier", lambda *a, **k: Net())
+    torch._dynamo.reset()
+    common = dict(dataset="digits", results=str(digits_results), method="gaussian", sigma="0.5", shard=0,
+                  progress=False)
+    o = CertifyOptions(n0=7, n=51, batch_size=25, skip=40)
+    plain = _rows(certify_shard(o=o, **common))
+    assert {7, 25, 1} <= set(shapes)           # the shard's batch shapes, uncompiled
+    monkeypatch.setattr(certify_mod, "base_classifier", lambda *a, **k: CountingNet())  # the same weights
+    compiled = _rows(certify_shard(o=CertifyOptions(n0=7, n=51, batch_size=25, skip=40, compile=True),
+                                   **{**common, "results": str(_copy_data(digits_results))}))
+    assert counter.frame_count == 1
+    assert compiled == plain
+    torch._dynamo.reset()

@@ -299,3 +299,34 @@ def test_a_256_px_guided_unet_denoises_224_px_crops_and_the_pipeline_is_describe
     assert denoiser.downsampling == 32
     with pytest.raises(ConfigError, match="side must be a multiple of 32"):
         model.describe(200)
+
+
+def test_t_star_is_computed_once_not_per_forward_pass(monkeypatch):
+    """t* is a data-dependent search (nonzero + a host read): per forward pass it would break a compiled
+    graph and synchronise a GPU once per batch. It is computed when the classifier is built, then kept."""
+    calls = []
+    nonzero = torch.nonzero
+    monkeypatch.setattr(torch, "nonzero", lambda *a, **k: calls.append(1) or nonzero(*a, **k))
+    den = tiny()
+    net = DenoisedClassifier(den, Classifier(image_size=8, width=8).eval(), 0.25).eval()
+    assert len(calls) == 1
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.rand(2, 1, 8, 8))
+    assert len(calls) == 1 and den.t_star(0.25) == 145 and den.t_star(0.5) == 259 and len(calls) == 2
+
+
+def test_denoised_classifier_compiles_as_one_graph():
+    """No graph break in the denoise-classify forward pass (fullgraph=True raises at the first one)."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    net = DenoisedClassifier(tiny(), Classifier(image_size=8, width=8).eval(), 0.25).eval()
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        expected = net(x)
+        torch.testing.assert_close(torch.compile(net, backend=counter, fullgraph=True)(x), expected)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()

@@ -11,7 +11,7 @@ from torch import nn
 import rcm.certify as certify_mod
 from rcm.certificate import read_certificate
 from rcm.certify import CertifyOptions, certify_shard
-from rcm.precision import Autocast, native_support, wrap
+from rcm.precision import Autocast, FixedBatch, native_support, wrap
 from rcm.smoothing import Smooth
 
 
@@ -169,3 +169,39 @@ def test_training_applies_its_float32_and_determinism_options(digits_results, mo
         torch.backends.cudnn.allow_tf32 = True   # torch's defaults, for the tests that follow
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.set_float32_matmul_precision("highest")
+
+
+@pytest.mark.parametrize("capability, native", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_bf16_is_native_from_compute_capability_8_0_of_the_device_used(monkeypatch, capability, native):
+    """torch.cuda.is_bf16_supported() counts emulation by default (a V100 or T4 says yes); native_support
+    asks the compute capability of the device certification or training actually runs on."""
+    asked = []
+
+    def capability_of(index):
+        asked.append(index)
+        return capability if index == 1 else (9, 0)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability_of)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)   # emulation counts there
+    assert native_support("bf16", torch.device("cuda", 1)) is native
+    assert native_support("bf16", torch.device("cuda")) is native               # 'cuda': the current device
+    assert asked == [1, 1]
+    assert native_support("bf16", torch.device("cuda", 0))                       # another device, another answer
+    assert native_support("fp16", torch.device("cuda", 1)) and native_support("off", torch.device("cuda", 1))
+
+
+def test_fixed_batch_pads_short_batches_and_returns_only_the_real_rows():
+    seen = []
+
+    class Rows(nn.Module):
+        def forward(self, x):
+            seen.append(x.shape[0])
+            return x.flatten(1)[:, :3] * 2
+
+    model = FixedBatch(Rows(), 8)
+    x = torch.rand(3, 1, 4, 4)
+    assert torch.equal(model(x), x.flatten(1)[:, :3] * 2) and seen == [8]
+    assert model(torch.rand(8, 1, 4, 4)).shape == (8, 3) and seen == [8, 8]
+    with pytest.raises(ValueError, match="a batch of 9 rows"):
+        model(torch.rand(9, 1, 4, 4))

@@ -190,14 +190,23 @@ class Denoiser(nn.Module):
 
         "first >=" (not "closest") reproduces the published values: cosine T = 4000 -> 1158/1984/2809 and
         linear T = 1000 -> 145/259/396 for sigma = 0.25/0.5/1.0.
+
+        Computed once per sigma and kept (``denoise_one_shot`` asks on every forward pass): the search is
+        a data-dependent ``nonzero`` and a host read, which would break a compiled graph and cost a
+        synchronisation per batch on a GPU. The schedule never changes after construction.
         """
-        if sigma < 0:
-            raise ConfigError(f"sigma must be >= 0, got {sigma}")
-        hits = torch.nonzero(self._noise_ratio >= 2.0 * sigma)
-        if len(hits) == 0:
-            raise ConfigError(f"sigma={sigma} is beyond this denoiser's schedule (largest noise 2 sigma = "
-                              f"{self._noise_ratio[-1].item():.4g} at t={self.num_timesteps - 1})")
-        return int(hits[0])
+        cache = getattr(self, "_t_star_cache", None)
+        if cache is None:
+            cache = self._t_star_cache = {}
+        if sigma not in cache:
+            if sigma < 0:
+                raise ConfigError(f"sigma must be >= 0, got {sigma}")
+            hits = torch.nonzero(self._noise_ratio >= 2.0 * sigma)
+            if len(hits) == 0:
+                raise ConfigError(f"sigma={sigma} is beyond this denoiser's schedule (largest noise 2 sigma = "
+                                  f"{self._noise_ratio[-1].item():.4g} at t={self.num_timesteps - 1})")
+            cache[sigma] = int(hits[0])
+        return cache[sigma]
 
     def denoise_one_shot(self, x_noisy: torch.Tensor, sigma: float) -> torch.Tensor:
         """One-shot denoising of x + N(0, sigma^2 I) (pixel space): (B, C, H, W) in -> [0, 1] out.
