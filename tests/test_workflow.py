@@ -1069,7 +1069,8 @@ def test_gpu_jobs_take_one_node_and_a_multi_node_stage_runs_one_agent_per_node(f
                                          shell.group(1)))
     res, shell = jobs["pretrain_rrcm"]
     python = re.escape(sys.executable)
-    assert re.match(r'srun --nodes 2 --ntasks-per-node 1 --kill-on-bad-exit=1 ' + python + r' -m torch\.distributed\.run'
+    assert re.match(r'srun --nodes 2 --ntasks-per-node 1 --cpus-per-task 48 --gres=gpu:8 --kill-on-bad-exit=1 '
+                    + python + r' -m torch\.distributed\.run'
                     r' --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d'
                     r' --rdzv-endpoint "\$\(scontrol show hostnames "\$SLURM_JOB_NODELIST" \| head -n 1\)"'
                     r':\$\(\(29500 \+ SLURM_JOB_ID % 1000\)\) --rdzv-id "\$SLURM_JOB_ID" -m rcm --threads \d+ pretrain-rrcm ',

@@ -333,7 +333,9 @@ def _launch(section: str) -> str:
     gpus, nodes = GPUS[section], NODES[section]
     if nodes > 1:
         first = '"$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"'
-        return (f"srun --nodes {nodes} --ntasks-per-node 1 --kill-on-bad-exit=1 {PYTHON} -m torch.distributed.run"
+        # srun takes the CPUs and GPUs again (it does not inherit sbatch's --cpus-per-task since Slurm 22.05)
+        return (f"srun --nodes {nodes} --ntasks-per-node 1 --cpus-per-task {gpus * HOST['cpus_per_gpu']}"
+                f" --gres=gpu:{gpus} --kill-on-bad-exit=1 {PYTHON} -m torch.distributed.run"
                 f" --nnodes {nodes} --nproc_per_node {gpus} --rdzv-backend c10d"
                 f' --rdzv-endpoint {first}:$((29500 + SLURM_JOB_ID % 1000)) --rdzv-id "$SLURM_JOB_ID" -m rcm')
     if gpus > 1:
