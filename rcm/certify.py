@@ -49,6 +49,8 @@ CASCADE_COLUMNS = ("sigma", "stage", "n0", "n", "alpha", "alpha_split", "alpha_g
 # versions, and whether float32 matmuls and cuDNN convolutions ran in TF32 (1) or IEEE float32 (0)
 PROVENANCE_COLUMNS = ("device_type", "device_name", "capability", "torch", "cuda", "cudnn", "tf32_matmul",
                       "tf32_cudnn")
+# and the model files the base classifier was built from: ROLE=PATH@SHA256 entries, space-separated
+MODELS_COLUMN = "models"
 
 
 @dataclass
@@ -139,8 +141,12 @@ def batch_size_of(method: str, o: CertifyOptions) -> int:
 def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard: int,
                   o: CertifyOptions, sigmas: list[float] | None = None, p0: float = 0.5,
                   alpha_split: str = "uniform", progress: bool = True, sequential: bool = False,
-                  radii: list[float] | None = None):
+                  radii: list[float] | None = None, models: dict[str, str] | None = None):
     """Certify shard ``shard`` and write its certificate; returns the certificate path.
+
+    ``models``: {role: file} to certify with instead of the results root's files of those roles
+    (``rcm certify --model ROLE=FILE``; the roles are ``checkpoints``' keys, e.g. classifier, denoiser,
+    rrcm). Every model file used is recorded, with its sha256, in the certificate's ``models`` column.
 
     ``sequential``: Smooth.certify_sequential with n_max = o.n, stopping on the target ``radii``
     (default: the report's radii); not for cascades (docs/methods.md)."""
@@ -157,8 +163,9 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
     split = load_split(paths.prepared(results, dataset, "test"))
     rows = split.certification_rows(o.skip, o.max_images or None)[shard::o.shards]
     cascade = sigma == paths.CASCADE
-    members = [(s, base_classifier(method, s, results, dataset, device))
-               for s in (sigmas if cascade else [float(sigma)])]
+    files = {s: model_files(method, s, results, dataset, models or {}, cascade)
+             for s in (sigmas if cascade else [float(sigma)])}
+    members = [(s, base_classifier(method, s, results, dataset, device, files=f)) for s, f in files.items()]
     example = split.float_images(rows[:1])[0].to(device) if len(rows) else None
     flops = [flops_per_sample(m, example) for _, m in members] if example is not None else [0.0]
     for s, m in members:  # the resolutions each image passes through, into the job's log
@@ -171,7 +178,9 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
 
     smooth = None if cascade else Smooth(members[0][1], split.num_classes, members[0][0])
     alpha_guaranteed = guaranteed_alpha(o.alpha, len(members), alpha_split) if cascade else None
-    models = sorted({str(f) for s, _ in members for f in checkpoints(method, s, results, dataset).values()})
+    used = sorted({(role, str(f)) for f_s in files.values() for role, f in f_s.items()})
+    models_used = " ".join(f"{role}={f}@{sha256_of(f) if Path(f).is_file() else 'absent'}" for role, f in used)
+    models = sorted({f for _, f in used})
     fingerprint = dict(protocol=asdict(o) | {"device": device.type}, method=method, sigma=sigma, shard=shard,
                        sigmas=sigmas, p0=p0, alpha_split=alpha_split, sequential=sequential,
                        radii=radii if sequential else None,
@@ -221,17 +230,58 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
         records.append(dict(idx=idx, label=label, predict=prediction, radius=radius,
                             correct=int(prediction == label), time=elapsed,
                             n0=o.n0, n=o.n, alpha=o.alpha, seed=o.seed, batch_size=batch_size, amp=o.amp, **extra,
-                            **{c: arithmetic[c] for c in PROVENANCE_COLUMNS}))
+                            **{c: arithmetic[c] for c in PROVENANCE_COLUMNS}, **{MODELS_COLUMN: models_used}))
         partial.append(records[-1])
     bar.close()
     finished = False
     try:
         columns = CASCADE_COLUMNS if cascade else SEQUENTIAL_COLUMNS if sequential else EXTRA_COLUMNS
-        write_certificate(out, records, columns + PROVENANCE_COLUMNS)
+        write_certificate(out, records, columns + PROVENANCE_COLUMNS + (MODELS_COLUMN,))
         finished = True
     finally:
         partial.close(finished=finished)
     return out
+
+
+def parse_models(entries: list[str]) -> dict[str, str]:
+    """``--model ROLE=FILE`` entries as {role: file}; ConfigError names a malformed or repeated entry."""
+    out = {}
+    for entry in entries:
+        role, sep, path = entry.partition("=")
+        if not sep or not role or not path:
+            raise ConfigError(f"--model '{entry}': expected ROLE=FILE (e.g. classifier=cohen_0.25.pt)")
+        if role in out:
+            raise ConfigError(f"--model names the role '{role}' twice")
+        out[role] = path
+    return out
+
+
+def model_files(method: str, sigma: float, results: str, dataset: str, models: dict[str, str],
+                cascade: bool = False) -> dict[str, Path]:
+    """The files ``method``'s base classifier at ``sigma`` is built from: the results root's, with
+    ``models`` (role -> file) in place of those roles. ConfigError for a role the method does not have,
+    a file that does not exist, or a file given for a cascade (whose stages need one per sigma)."""
+    files = checkpoints(method, sigma, results, dataset)
+    unknown = sorted(set(models) - set(files))
+    if unknown:
+        raise ConfigError(f"--model {unknown[0]}=...: {method} has no model of that role (its roles: "
+                          f"{', '.join(files)})")
+    if models and cascade:
+        raise ConfigError("--model is for one sigma: a cascade reads each sigma's models from the results root")
+    for role, f in models.items():
+        if not Path(f).is_file():
+            raise ConfigError(f"--model {role}={f}: no such file")
+    return {**files, **{role: Path(f) for role, f in models.items()}}
+
+
+def sha256_of(path: str | Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def add_arguments(p) -> None:
@@ -242,6 +292,9 @@ def add_arguments(p) -> None:
     p.add_argument("--p0", type=float, default=0.5, help="cascade threshold p0, in [0.5, 1)")
     p.add_argument("--alpha_split", choices=ALPHA_SPLITS, default="uniform",
                    help="cascade: how alpha is split over the bounds (see rcm/cascade.py)")
+    p.add_argument("--model", action="append", default=[], metavar="ROLE=FILE",
+                   help="certify with FILE as the method's model ROLE (classifier, denoiser, rrcm) instead of the "
+                        "results root's; repeatable; recorded with its sha256 in the certificate")
     p.add_argument("--sequential", action="store_true",
                    help="stop each image's sampling early (Smooth.certify_sequential); n is then n_max")
     add_stage_options(p, CertifyOptions)
@@ -252,5 +305,6 @@ def main(args) -> None:
     o = from_args(CertifyOptions, args)
     out = certify_shard(dataset=args.dataset, results=args.results, method=args.method,
                         sigma=args.sigma, shard=args.shard, o=o, sigmas=args.sigmas, p0=args.p0,
-                        alpha_split=args.alpha_split, sequential=args.sequential, radii=args.radii)
+                        alpha_split=args.alpha_split, sequential=args.sequential, radii=args.radii,
+                        models=parse_models(args.model))
     print(f"wrote {out}  ({asdict(o)})")

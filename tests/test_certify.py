@@ -34,12 +34,13 @@ class NoisyDigitGuesser(nn.Module):
 @pytest.fixture
 def stub_models(monkeypatch):
     monkeypatch.setattr(certify_mod, "base_classifier",
-                        lambda method, sigma, results, dataset, device: NoisyDigitGuesser(int(sigma * 100)))
+                        lambda method, sigma, results, dataset, device, **k: NoisyDigitGuesser(int(sigma * 100)))
 
 
 def _rows(path):
-    # time differs between runs by nature; NaN (a cascade that never decided) must compare equal
-    return read_certificate(path).drop(columns=["time"]).fillna(-999.0).to_dict("records")
+    # time differs between runs by nature, the models' paths between results roots; NaN (a cascade that
+    # never decided) must compare equal
+    return read_certificate(path).drop(columns=["time", "models"]).fillna(-999.0).to_dict("records")
 
 
 @pytest.mark.parametrize("sigma", ["0.25", "cascade"])
@@ -286,7 +287,7 @@ def test_certificates_record_the_arithmetic_after_cohens_columns(digits_results,
                          shard=0, o=o, progress=False)
     header = path.read_text().splitlines()[0].split("\t")
     assert header[:6] == ["idx", "label", "predict", "radius", "correct", "time"]
-    assert tuple(header[-len(PROVENANCE_COLUMNS):]) == PROVENANCE_COLUMNS
+    assert tuple(header[-len(PROVENANCE_COLUMNS) - 1:]) == (*PROVENANCE_COLUMNS, "models")
     df = read_certificate(path)
     facts = arithmetic_provenance(torch.device("cpu"))
     assert set(df.device_type) == {"cpu"} and set(df.device_name.astype(str)) == {facts["device_name"]}
@@ -409,3 +410,31 @@ def test_compile_compiles_once_per_shard_whatever_the_batch_shapes(digits_result
     assert counter.frame_count == 1
     assert compiled == plain
     torch._dynamo.reset()
+
+
+def test_certify_with_model_files_of_ones_own(digits_results, tmp_path, capsys):
+    """`rcm certify --model ROLE=FILE` certifies with that file instead of the results root's, and the
+    certificate records each model file used with its sha256; a role the method lacks, a missing file
+    and a cascade are refused with one line."""
+    import hashlib
+    import shutil
+
+    assert cli(["train-classifier", "--results", str(digits_results), "--sigma", "0.5", "--steps", "2",
+                "--eval_every", "2", "--batch_size", "16", "--eval_sigmas", "0.5"]) == 0
+    mine = tmp_path / "mine.pt"
+    shutil.move(paths.classifier(digits_results, "digits", 0.5), mine)        # not under the results root
+    common = ["certify", "--results", str(digits_results), "--method", "gaussian", "--sigma", "0.5", "--n0", "10",
+              "--n", "30", "--batch_size", "20", "--skip", "180", "--device", "cpu"]
+    assert cli([*common, "--model", f"classifier={mine}"]) == 0
+    out = paths.certificate(digits_results, "digits", "gaussian", "0.5", 0, 1)
+    digest = hashlib.sha256(mine.read_bytes()).hexdigest()
+    assert set(read_certificate(out).models) == {f"classifier={mine}@{digest}"}
+    for bad, words in [(["--model", f"denoiser={mine}"], "gaussian has no model of that role (its roles: classifier)"),
+                       (["--model", f"classifier={tmp_path / 'none.pt'}"], "no such file"),
+                       (["--model", "classifier"], "expected ROLE=FILE")]:
+        capsys.readouterr()
+        assert cli([*common, *bad]) == 2
+        assert words in capsys.readouterr().err, bad
+    capsys.readouterr()
+    assert cli([*common[:6], "cascade", "--sigmas", "0.5", *common[7:], "--model", f"classifier={mine}"]) == 2
+    assert "a cascade reads each sigma's models from the results root" in capsys.readouterr().err

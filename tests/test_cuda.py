@@ -48,7 +48,7 @@ def _certify(monkeypatch, results, net, device, **options):
     from rcm.certificate import read_certificate
 
     monkeypatch.setattr(certify_mod, "base_classifier",
-                        lambda method, sigma, results, dataset, device: copy.deepcopy(net).to(device))
+                        lambda method, sigma, results, dataset, device, **k: copy.deepcopy(net).to(device))
     o = certify_mod.CertifyOptions(**{"n0": 20, "n": 200, "batch_size": 64, "skip": 60, "device": device, **options})
     shards = []
     for k in range(o.shards):

@@ -260,7 +260,26 @@ def add_arguments(p) -> None:
     p.add_argument("src", help="the file (or folder) written by the original code")
     p.add_argument("--format", required=True, choices=list(FORMATS), help="the source format")
     p.add_argument("--out", required=True, help="the rcm checkpoint to write")
+    p.add_argument("--sigma", type=float, default=None,
+                   help="the noise level the model is for (a Gaussian baseline's training sigma; a fine-tuned "
+                        "rRCM classifier's): only for the `rcm certify` command printed at the end")
     add_option_arguments(p)
+
+
+def certify_command(role: str, out: str, dataset: str, sigma: float | None, has_head: bool = True) -> str:
+    """The `rcm certify` command that certifies with what `rcm import-model` wrote (its --model entry);
+    '' for a model that is not certified on its own (an rRCM encoder before fine-tuning)."""
+    data = f"--dataset {dataset or 'DATASET'}"
+    s = "SIGMA" if sigma is None else f"{sigma:g}"
+    if role == "classifier" and (sigma or 0) > 0:
+        return f"rcm certify {data} --method gaussian --sigma {s} --model classifier={out}"
+    if role == "classifier":   # the clean classifier behind dds: the denoiser comes from the results root
+        return f"rcm certify {data} --method dds --sigma SIGMA --model classifier={out}"
+    if role == "denoiser":
+        return f"rcm certify {data} --method dds --sigma SIGMA --model denoiser={out}"
+    if role == "rrcm" and has_head:
+        return f"rcm certify {data} --method rrcm --sigma {s} --model rrcm={out}"
+    return ""
 
 
 def add_option_arguments(p) -> None:
@@ -291,3 +310,7 @@ def main(args) -> None:
     if origin["role"] == "denoiser":
         stars = ", ".join(f"sigma={s}: t*={model.t_star(s)}" for s in (0.25, 0.5, 1.0))
         print(f"  one-shot denoising timesteps: {stars}", file=sys.stderr)
+    dataset = args.dataset or (origin.get("details") or {}).get("dataset", "")
+    command = certify_command(origin["role"], args.out, dataset, args.sigma, getattr(model, "head", True) is not None)
+    if command:   # after `rcm prepare --dataset ...` has written the certification split
+        print(f"certify with it: {command}")

@@ -31,9 +31,10 @@ def checkpoints(method: str, sigma: float, results: str | Path, dataset: str) ->
 
 
 def base_classifier(method: str, sigma: float, results: str | Path, dataset: str,
-                    device: torch.device | str = "cpu") -> nn.Module:
-    """Load the base classifier of ``method`` at noise level ``sigma`` (pixel units), in eval mode."""
-    files = checkpoints(method, sigma, results, dataset)
+                    device: torch.device | str = "cpu", files: dict[str, Path] | None = None) -> nn.Module:
+    """Load the base classifier of ``method`` at noise level ``sigma`` (pixel units), in eval mode, from
+    ``files`` (role -> checkpoint; default: the results root's, ``checkpoints``)."""
+    files = files or checkpoints(method, sigma, results, dataset)
     if method == "gaussian":
         model, _ = load_model(files["classifier"], kind="classifier")
     elif method in ("dds", "mdds"):
