@@ -59,4 +59,4 @@ report-html: install
 	$(BIN)/snakemake --report report.html $(if $(CONFIG),--configfile $(CONFIG))
 
 clean:
-	rm -rf results logs benchmarks/*.tsv .snakemake report.html
+	rm -rf results results-tiny .snakemake report.html

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_workflow import REPO, dry_run, make_copy, overlay, run_env, tail
+from test_workflow import REPO, TINY, dry_run, make_copy, overlay, run_env, tail
 
 PROFILE = REPO / "profiles/slurm/config.yaml"
 GPU_RULES = {"train_denoiser", "train_classifier", "finetune_denoiser", "pretrain_rrcm",
@@ -115,7 +115,7 @@ def test_tiny_workflow_runs_on_slurm(slurm_cluster, tmp_path):
                        cwd=repo, env=run_env(), capture_output=True, text=True)
     log = r.stdout + r.stderr
     assert r.returncode == 0, tail(r, 6000)
-    report = repo / "results/digits/report"
+    report = repo / f"{TINY}/digits/report"
     assert (report / "metrics.json").exists() and (report / "certified_accuracy.md").exists()
 
     submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", log)

@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+TINY = yaml.safe_load((REPO / ".test/config.yaml").read_text())["results"]  # the tiny config's results root
 BIN = Path(sys.executable).parent
 CONFIGS = ["config/config.yaml", "config/cifar10.yaml", "config/imagenet.yaml", ".test/config.yaml"]
 # config section -> the option dataclass of the stage whose flags it holds
@@ -389,15 +390,15 @@ def test_dag_shape_of_the_default_config(fresh):
     for job in jobs:
         if job.rule == "certify":
             method, sigma = Path(job.outputs[0]).parts[-3], Path(job.outputs[0]).parts[-2][len("sigma_"):]
-            want = {str(p) for p in checkpoints(method, float(sigma), "results", cfg["dataset"]).values()}
+            want = {str(p) for p in checkpoints(method, float(sigma), TINY, cfg["dataset"]).values()}
             assert {f for f in job.inputs if f.endswith(".pt") and "/models/" in f} == want
         if job.rule == "certify_cascade":
             method = Path(job.outputs[0]).parts[-3]
             (cascade,) = [c for c in cfg["cascades"] if c["method"] == method]
             want = {str(p) for s in cascade["flags"]["sigmas"]
-                    for p in checkpoints(method, s, "results", cfg["dataset"]).values()}
+                    for p in checkpoints(method, s, TINY, cfg["dataset"]).values()}
             assert {f for f in job.inputs if f.endswith(".pt") and "/models/" in f} == want
-    assert str(paths.certificate("results", cfg["dataset"], "mdds", "cascade", 0, n_shards)) in certified
+    assert str(paths.certificate(TINY, cfg["dataset"], "mdds", "cascade", 0, n_shards)) in certified
     # training reads train and val; only certification reads the test split
     for job in jobs:
         reads_test = any(f.endswith("/test.pt") for f in job.inputs)
@@ -440,7 +441,7 @@ def test_sequential_methods_are_certified_beside_or_instead_of_fixed_n(fresh, tm
     jobs = dry_run(fresh, "--configfile", overlay(tmp_path, "sequential", data))
     shards = cfg["certify"]["shards"]
     seq = {o for j in jobs if j.rule == "certify_sequential" for o in j.outputs}
-    assert seq == {str(paths.certificate("results", "digits", m, s, k, shards, sequential=True))
+    assert seq == {str(paths.certificate(TINY, "digits", m, s, k, shards, sequential=True))
                    for m in sequential for s in cfg["sigmas"] for k in range(shards)}
     assert all("_sequential/" in o for o in seq)
     fixed = {o for j in jobs if j.rule == "certify" for o in j.outputs}
@@ -567,7 +568,7 @@ def test_bad_configs_fail_before_any_job_naming_the_key(tmp_path):
                 if r.returncode == 0 or message not in r.stdout + r.stderr
                 or "invalid config" not in r.stdout + r.stderr]
     assert not failures, "\n\n".join(failures)
-    assert not (repo / "results").exists() and not (repo / "logs").exists()
+    assert not (repo / TINY).exists()
 
 
 def test_cifar10_root_must_hold_the_batches_folder(tmp_path):
@@ -621,14 +622,14 @@ def test_the_prepare_job_refuses_a_crafted_cifar_batch(tmp_path, unverified):
     repo, marker = make_copy(tmp_path / "repo"), tmp_path / "ran"
     write_crafted_cifar(repo / "cifar", marker)
     config = overlay(tmp_path, "crafted", {"dataset": "cifar10", "data": {"root": "cifar", "unverified": unverified}})
-    r = snakemake(repo, "results/cifar10/data/test.pt", "--cores", "1", "--configfile", config)
+    r = snakemake(repo, f"{TINY}/cifar10/data/test.pt", "--cores", "1", "--configfile", config)
     assert r.returncode != 0, tail(r)
-    lines = (repo / "logs/cifar10/prepare.log").read_text().strip().splitlines()
+    lines = (repo / TINY / "cifar10/logs/prepare.log").read_text().strip().splitlines()
     expected = ("cifar/cifar-10-batches-py/test_batch refused before any of it ran: it needs the Python global "
                 "posix.system" if unverified else "are not the official files (their MD5 differs)")
     assert len(lines) == 1 and lines[0].startswith("rcm prepare: error: ") and expected in lines[0], lines
     assert not marker.exists()
-    assert not [p for p in (repo / "results").rglob("*") if p.is_file()]
+    assert not [p for p in (repo / TINY).rglob("*") if p.is_file()]
 
 
 # ------------------------------------------------------------------------------------------ real runs
@@ -669,7 +670,7 @@ def _reuse_tiny_run(source: Path, repo: Path) -> SimpleNamespace | None:
     the shared code it does not list (rcm.cli, the training loop...), which another checkout may hold
     in another version. The log is the newest one that ran jobs (a later run with nothing to do writes
     an empty one)."""
-    copied = ["results", "logs", "benchmarks", ".snakemake/metadata", ".snakemake/log"]
+    copied = [TINY, ".snakemake/metadata", ".snakemake/log"]
     if source.resolve() != REPO.resolve():
         print(f"RCM_TINY_RUN={source} is not this checkout ({REPO}); running the tiny DAG here", file=sys.stderr)
         return None
@@ -685,7 +686,7 @@ def _reuse_tiny_run(source: Path, repo: Path) -> SimpleNamespace | None:
         return SimpleNamespace(path=repo, wall=_logged_wall(log), log=log)
     print(f"RCM_TINY_RUN={source}: this workflow would still run jobs there; running the tiny DAG here",
           file=sys.stderr)
-    for item in ("results", "logs", "benchmarks", ".snakemake"):
+    for item in (TINY, ".snakemake"):
         shutil.rmtree(repo / item, ignore_errors=True)
     return None
 
@@ -694,10 +695,10 @@ def _reuse_tiny_run(source: Path, repo: Path) -> SimpleNamespace | None:
 def test_tiny_run_makes_every_output(tiny_run):
     repo = tiny_run.path
     cfg = load_config(repo / "config/config.yaml")
-    report = repo / "results" / cfg["dataset"] / "report"
+    report = repo / TINY / cfg["dataset"] / "report"
     assert {p.name for p in report.iterdir() if not p.name.startswith(".")} == REPORT_FILES  # DVC adds .gitignore
     sources = (report / "sources.txt").read_text()
-    shards = sorted((repo / "results" / cfg["dataset"] / "certify").rglob("shard_*.tsv"))
+    shards = sorted((repo / TINY / cfg["dataset"] / "certify").rglob("shard_*.tsv"))
     per_shard = (len(cfg["methods"]) + len(cfg["sequential_methods"])) * len(cfg["sigmas"]) + len(cfg["cascades"])
     assert len(shards) == per_shard * cfg["certify"]["shards"]
     assert all(str(p.relative_to(repo)) in sources for p in shards)
@@ -705,9 +706,9 @@ def test_tiny_run_makes_every_output(tiny_run):
     assert metrics
     # one benchmark table per job; the totals per rule go into docs/workflow.md
     per_rule = {}
-    for table in sorted((repo / "benchmarks").glob("*.tsv")):
+    for table in sorted((repo / TINY / "digits/benchmarks").glob("*.tsv")):
         rows = table.read_text().splitlines()
-        rule = table.name.split(".")[1]
+        rule = table.name.split(".")[0]
         per_rule.setdefault(rule, []).append(float(rows[1].split("\t")[0]))
     assert sum(map(len, per_rule.values())) == len(parse_jobs(tiny_run.log)) - 1  # all but `all`
     print(f"\ntiny DAG: {tiny_run.wall:.1f} s wall with --cores 2\n| rule | jobs | mean s | max s | total s |")
@@ -755,7 +756,7 @@ def test_changed_radii_rerun_only_the_report(tiny_run, tmp_path):
     # and DVC really reruns just that
     r = dvc(repo, "repro")
     assert re.findall(r"Running stage '([^']+)'", r.stdout + r.stderr) == ["report"]
-    table = (repo / "results/digits/report/certified_accuracy.csv").read_text()
+    table = (repo / f"{TINY}/digits/report/certified_accuracy.csv").read_text()
     assert {float(x.split(",")[4]) for x in table.splitlines()[1:]} == {0.0, 0.5}
 
 
@@ -833,9 +834,9 @@ def test_killed_training_resumes_to_the_same_checkpoint(tiny_run, tmp_path):
     import torch
 
     repo = make_copy(tmp_path / "repo")
-    shutil.copytree(tiny_run.path / "results/digits/data", repo / "results/digits/data")
+    shutil.copytree(tiny_run.path / f"{TINY}/digits/data", repo / f"{TINY}/digits/data")
     longer = overlay(tmp_path, "longer", {"classifier": {"steps": 400, "checkpoint_every": 40, "eval_every": 400}})
-    target = "results/digits/models/classifier_sigma_0.25.pt"
+    target = f"{TINY}/digits/models/classifier_sigma_0.25.pt"
     out, resume = repo / target, repo / (target + ".resume")
     proc = _start(repo, target, "--cores", "1", "--configfile", longer)
     _wait_for(resume.exists, proc)
@@ -845,7 +846,7 @@ def test_killed_training_resumes_to_the_same_checkpoint(tiny_run, tmp_path):
     assert snakemake(repo, "--unlock").returncode == 0  # a killed run leaves its lock
     r = snakemake(repo, target, "--cores", "1", "--configfile", longer)
     assert r.returncode == 0, tail(r)
-    log = (repo / "logs/digits/train_classifier/sigma_0.25.log").read_text()
+    log = (repo / TINY / "digits/logs/train_classifier/sigma_0.25.log").read_text()
     assert re.search(r"resuming from .*\.resume at step [1-9]", log), log[-2000:]
     assert out.exists() and not resume.exists()
 
@@ -854,7 +855,7 @@ def test_killed_training_resumes_to_the_same_checkpoint(tiny_run, tmp_path):
     tokens = shlex.split(job.shell)
     tokens = tokens[:tokens.index(">")]
     tokens[tokens.index("--results") + 1] = str(tmp_path / "reference")
-    shutil.copytree(repo / "results/digits/data", tmp_path / "reference/digits/data")
+    shutil.copytree(repo / f"{TINY}/digits/data", tmp_path / "reference/digits/data")
     subprocess.run(tokens, cwd=repo, env=run_env(), check=True, capture_output=True)
     resumed = torch.load(out, weights_only=False)
     reference = torch.load(tmp_path / "reference/digits/models/classifier_sigma_0.25.pt", weights_only=False)
@@ -871,11 +872,11 @@ def test_killed_certification_keeps_finished_shards(tiny_run, tmp_path):
 
     repo = make_copy(tmp_path / "repo")
     for part in ("data", "models"):
-        shutil.copytree(tiny_run.path / "results/digits" / part, repo / "results/digits" / part)
+        shutil.copytree(tiny_run.path / f"{TINY}/digits" / part, repo / f"{TINY}/digits" / part)
     # one image per shard, drawn long enough to be killed while it is being certified
     slower = overlay(tmp_path, "slower", {"certify": {"n": 40000, "batch_size": 4000, "max_images": 2}})
-    shards = [repo / f"results/digits/certify/dds/sigma_0.25/shard_{k}-of-2.tsv" for k in (0, 1)]
-    logs = [repo / f"logs/digits/certify/dds/sigma_0.25/shard_{k}.log" for k in (0, 1)]
+    shards = [repo / f"{TINY}/digits/certify/dds/sigma_0.25/shard_{k}-of-2.tsv" for k in (0, 1)]
+    logs = [repo / TINY / f"digits/logs/certify/dds/sigma_0.25/shard_{k}.log" for k in (0, 1)]
     targets = [str(p.relative_to(repo)) for p in shards]
     proc = _start(repo, *targets, "--cores", "1", "--configfile", slower)
 
@@ -932,11 +933,11 @@ def test_config_overrides_rerun_only_what_depends_on_them(tiny_run):
 def test_dvc_plots_draw_a_curve_per_entry(tiny_run):
     """`dvc plots show` draws one series per report entry (colour = name), not one curve in all."""
     plots = json.loads(dvc(tiny_run.path, "plots", "show", "--json").stdout)["data"]
-    (plot,) = plots["results/digits/report/plot_certified_accuracy.csv"]
+    (plot,) = plots[f"{TINY}/digits/report/plot_certified_accuracy.csv"]
     content = plot["content"]
     assert content["encoding"]["color"]["field"] == "name"
     series = {row["name"] for row in content["data"]["values"]}
-    tidy = pd.read_csv(tiny_run.path / "results/digits/report/certified_accuracy.csv")
+    tidy = pd.read_csv(tiny_run.path / f"{TINY}/digits/report/certified_accuracy.csv")
     assert series == set(tidy[tidy.kind != "envelope"].name)
     assert len(series) == (4 + 1) * 2 + 1  # four methods and sequential gaussian at two sigmas, the mdds cascade
     assert {"gaussian_sigma_0.25_sequential", "gaussian_sigma_0.5_sequential"} <= series
@@ -948,7 +949,7 @@ def test_snakemake_html_report_holds_the_plot_and_tables_with_captions(tiny_run,
     r = snakemake(repo, "--report", "report.html")
     assert r.returncode == 0, tail(r)
     html = (repo / "report.html").read_text()
-    png = (repo / "results/digits/report/certified_accuracy.png").read_bytes()
+    png = (repo / f"{TINY}/digits/report/certified_accuracy.png").read_bytes()
     assert base64.b64encode(png).decode() in html  # the figure itself, embedded
     for caption in ("Certified accuracy against the L2 radius", "Certified accuracy, one row per",
                     "Cost of certification per entry", "Every certificate file the report read"):
@@ -970,9 +971,9 @@ def test_configured_baselines_join_the_report(tiny_run, tmp_path):
     assert [j.rule for j in jobs] == ["report"] and str(log) in jobs[0].inputs
     r = snakemake(repo, "--cores", "1", "--configfile", extra)
     assert r.returncode == 0, tail(r)
-    tidy = pd.read_csv(repo / "results/digits/report/certified_accuracy.csv")
+    tidy = pd.read_csv(repo / f"{TINY}/digits/report/certified_accuracy.csv")
     assert set(tidy[tidy.kind == "baseline"].name) == {"cohen_resnet110"}
-    assert str(log) in (repo / "results/digits/report/sources.txt").read_text()
+    assert str(log) in (repo / f"{TINY}/digits/report/sources.txt").read_text()
 
 
 def _git(cwd: Path, *args: str) -> None:
@@ -998,13 +999,13 @@ def test_dvc_push_then_pull_in_a_fresh_clone_leaves_nothing_to_do(tiny_run, tmp_
     dvc(origin, "push")
     _git(tmp_path, "clone", "-q", str(origin), "collaborator")
     repo = tmp_path / "collaborator"
-    assert not (repo / "results").exists() and not (repo / ".snakemake").exists()
+    assert not (repo / TINY).exists() and not (repo / ".snakemake").exists()
 
     r = _make_pull(repo)
     assert r.returncode == 0, tail(r)
     assert dvc_changed(repo) == set()
     assert dry_run(repo) == []
-    pulled = sorted(p.relative_to(repo) for p in (repo / "results").rglob("*") if p.is_file())
+    pulled = sorted(p.relative_to(repo) for p in (repo / TINY).rglob("*") if p.is_file())
     assert any(p.suffix == ".pt" for p in pulled) and any(p.suffix == ".tsv" for p in pulled)
     for p in pulled:
         assert (repo / p).read_bytes() == (origin / p).read_bytes(), p
@@ -1093,3 +1094,24 @@ def test_a_stage_device_must_agree_with_its_gpus(fresh, tmp_path):
                           ({"nodes": {"certify": 2}}, "nodes.certify: unknown key")]:
         r = snakemake(fresh, "-n", "--configfile", overlay(tmp_path, "bad", config))
         assert r.returncode != 0 and words in r.stdout + r.stderr, (config, tail(r))
+
+
+def test_the_default_and_the_tiny_run_write_under_their_own_roots(tmp_path):
+    """`make run` and `make run CONFIG=.test/config.yaml` in one checkout: every file either DAG writes
+    (outputs, logs, benchmark tables) lies under its own results root, and the roots differ, so
+    switching between them never overwrites, and so never reruns, the other's finished jobs."""
+    repo = make_copy(tmp_path / "repo", config="config/config.yaml")
+    written = {}
+    for name, args in {"default": (), "tiny": ("--configfile", ".test/config.yaml")}.items():
+        r = snakemake(repo, "-n", *args)
+        assert r.returncode == 0, tail(r)
+        written[name] = {f for m in _BLOCK.finditer(r.stdout + r.stderr)
+                         for key in ("output", "log", "benchmark")
+                         for line in re.findall(rf"^\s+{key}: (.*)$", m.group(2), re.M) for f in line.split(", ")}
+        assert written[name]
+    roots = {"default": load_config(REPO / "config/config.yaml")["results"], "tiny": TINY}
+    assert roots["default"] != roots["tiny"]
+    for name, files in written.items():
+        outside = sorted(f for f in files if not f.startswith(roots[name] + "/"))
+        assert not outside, (name, outside[:5])
+    assert not written["default"] & written["tiny"]

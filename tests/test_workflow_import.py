@@ -3,13 +3,15 @@
 only what depends on it. Data: CIFAR-10 batch files in the real format; models: Cohen et al.'s
 checkpoint layout and an improved-diffusion state dict, all written here."""
 
+import re
+
 import pytest
 import torch
 import yaml
 
 from test_data import _write_cifar
 from test_import import RRCM, SMALL_IMPROVED, _cohen_file, _openai_file, _randomise, _reference_state
-from test_workflow import (dry_run, dvc_stages, make_copy, parse_rcm, rcm_tokens, snakemake, tail)
+from test_workflow import (TINY, dry_run, dvc_stages, make_copy, parse_rcm, rcm_tokens, snakemake, tail)
 
 CLEAN = "pretrained/cohen/noise_0.00/checkpoint.pth.tar"
 NOISY = "pretrained/cohen/noise_0.25/checkpoint.pth.tar"
@@ -51,6 +53,10 @@ def imports_repo(tmp_path_factory):
     return repo
 
 
+IMPORT_ONLY = {"dataset", "results", "sigma", "pretrained", "pretrained_format", "pretrained_options",
+               "pretrained_noisy", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end"}
+
+
 def test_imported_models_replace_training_in_both_dags(imports_repo):
     jobs = dry_run(imports_repo)
     rules = sorted(j.rule for j in jobs)
@@ -64,7 +70,16 @@ def test_imported_models_replace_training_in_both_dags(imports_repo):
         stage = stages[frozenset(job.outputs)]
         if job.rule == "report":  # DVC globs the certificates (test_workflow compares that)
             continue
-        assert rcm_tokens(job.shell) == rcm_tokens(stage.cmd), job.rule
+        if job.rule.startswith("import_"):
+            # the import job shows only what an import reads (no training flags, no --device); DVC's
+            # stage, which trains or imports, passes the whole section: the same command and values
+            ours, theirs = rcm_tokens(job.shell), rcm_tokens(stage.cmd)
+            given = {t[2:] for t in ours if t.startswith("--") and " " not in t}   # not a quoted value
+            assert given <= IMPORT_ONLY, (job.rule, given - IMPORT_ONLY)
+            assert ours[:2] == theirs[:2] and all(
+                getattr(parse_rcm(ours), k) == getattr(parse_rcm(theirs), k) for k in given), job.rule
+        else:
+            assert rcm_tokens(job.shell) == rcm_tokens(stage.cmd), job.rule
         if job.rule == "import_denoiser":
             assert DDPM in stage.deps
         if job.rule == "import_classifier" and "sigma_0.0" in job.outputs[0]:
@@ -81,12 +96,29 @@ BAD_SETTINGS = [
       "denoiser": {"pretrained": CLEAN}, "rrcm_finetune": {"pretrained_noisy": [f"0.25={CLEAN}"]}},
      ["classifier.pretrained: 'pretrained/absent.pth.tar' does not exist",
       f"denoiser.pretrained: '{CLEAN}' does not look like a improved-diffusion file",
-      "classifier.pretrained_noisy.0: sigma 0.5 is not in sigmas",
+      "classifier.pretrained_noisy: ignoring the entries for sigma 0.5, which are not in sigmas",
       "rrcm_finetune.pretrained_noisy (0.25): ", "does not look like a rrcm file"]),
     ({"denoiser": {"pretrained_options": "--flags '--image_size 48'"}, "classifier": {"pretrained_format": ""}},
      ["no channel_mult for --image_size 48", "classifier.pretrained_format must say its format"]),
     ({"classifier": {"pretrained_options": "--flags x"}}, ["do not apply to format cohen"]),
 ]
+
+
+def test_pretrained_noisy_entries_of_other_sigmas_are_ignored(imports_repo, tmp_path):
+    """A preset lists its classifiers for every sigma of the paper; a run of one sigma changes `sigmas`
+    alone: the other entries are ignored (one line says which), never checked, never imported."""
+    cfg = imports_config(imports_repo)
+    cfg["classifier"]["pretrained_noisy"] = ["0.12=pretrained/absent_0.12.pth.tar", f"0.25={NOISY}",
+                                             "1.0=pretrained/absent_1.0.pth.tar"]
+    one = tmp_path / "one_sigma.yaml"
+    one.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    r = snakemake(imports_repo, "-n", "--configfile", str(one))
+    assert r.returncode == 0, tail(r)
+    assert (r.stdout + r.stderr).count("classifier.pretrained_noisy: ignoring the entries for sigma 0.12, 1.0, "
+                                       "which are not in sigmas [0.25]") >= 1
+    imports = [job for job in dry_run(imports_repo, "--configfile", str(one)) if job.rule == "import_classifier"]
+    assert sorted(job.outputs[0].rsplit("/", 1)[-1] for job in imports) == ["classifier_sigma_0.0.pt",
+                                                                             "classifier_sigma_0.25.pt"]
 
 
 @pytest.mark.parametrize("change,messages", BAD_SETTINGS)
@@ -109,11 +141,14 @@ def test_imported_models_are_certified_and_a_replaced_file_reruns_only_its_depen
 
     r = snakemake(imports_repo, "--cores", "2")
     assert r.returncode == 0, tail(r, 6000)
-    models = imports_repo / "results/cifar10/models"
+    models = imports_repo / f"{TINY}/cifar10/models"
     assert load_model(models / "classifier_sigma_0.0.pt")[1]["origin"]["format"] == "cohen"
     assert load_model(models / "denoiser.pt")[1]["origin"]["format"] == "improved-diffusion"
     assert load_model(models / "rrcm_sigma_0.25.pt")[1]["origin"]["details"]["kind"] == "fine-tuned classifier"
-    report = paths.report_dir(imports_repo / "results", "cifar10") / "certified_accuracy.csv"
+    log = (imports_repo / TINY / "cifar10/logs/import_classifier/sigma_0.25.log").read_text()
+    assert re.search(r"fit check of \S+classifier_sigma_0.25.pt on 2 images of the certification split "
+                     r"\(3 channels, 32 px\): 10 outputs for 10 classes: passed", log), log
+    report = paths.report_dir(imports_repo / TINY, "cifar10") / "certified_accuracy.csv"
     text = report.read_text()
     assert "gaussian_sigma_0.25" in text and "dds_sigma_0.25" in text and "rrcm_sigma_0.25" in text
     assert dry_run(imports_repo) == []

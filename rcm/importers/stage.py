@@ -5,6 +5,7 @@ prepared data before anything downstream relies on it.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -30,16 +31,19 @@ def import_instead(source: str, fmt: str, options: str, out: Path, role: str, da
     test = load_split(paths.prepared(results, dataset, "test"))
     model = import_for_stage(source, fmt, options, out, role, schedule=schedule)
     try:
-        check_fits(model, test, role, source)
-    except ConfigError:
+        fit = check_fits(model, test, role, source)
+    except ConfigError as exc:
         Path(out).unlink(missing_ok=True)
-        raise
+        print(f"fit check of {out} on the certification split: failed", file=sys.stderr)
+        raise exc
+    print(f"fit check of {out} on {fit}: passed", file=sys.stderr)
     return True
 
 
 @torch.no_grad()
-def check_fits(model: torch.nn.Module, split, role: str, source: str) -> None:
-    """One forward pass on two of the split's images: channels, size and classes must fit the data."""
+def check_fits(model: torch.nn.Module, split, role: str, source: str) -> str:
+    """One forward pass on two of the split's images: channels, size and classes must fit the data.
+    Returns what was checked, for the job's log."""
     x = split.float_images(torch.arange(min(2, len(split))))         # (2, C, H, W) in [0, 1]
     c, h = x.shape[1], x.shape[-1]
     config = getattr(model, "config", {})
@@ -49,11 +53,11 @@ def check_fits(model: torch.nn.Module, split, role: str, source: str) -> None:
                               f"the data has {c} channels")
         model.check_size(h)                              # another size: fully convolutional, if it divides
         model.denoise_one_shot(x, 0.25)
-        return
+        return f"{len(x)} images of the certification split ({c} channels, {h} px): denoised at sigma 0.25"
     try:
         if role == "rrcm" and model.head is None:        # a pretrained encoder: no classes to check
             model.representation(2 * x - 1, 0.5)
-            return
+            return f"{len(x)} images of the certification split ({c} channels, {h} px): encoded"
         logits = model(x) if role == "classifier" else model(2 * x - 1, 0.5)
     except RuntimeError as exc:
         raise ConfigError(f"pretrained '{source}' cannot read the data's {c}-channel {h} px images: "
@@ -61,3 +65,5 @@ def check_fits(model: torch.nn.Module, split, role: str, source: str) -> None:
     if logits.shape[-1] < split.num_classes:
         raise ConfigError(f"pretrained '{source}' has {logits.shape[-1]} outputs; the data has "
                           f"{split.num_classes} classes")
+    return (f"{len(x)} images of the certification split ({c} channels, {h} px): {logits.shape[-1]} outputs "
+            f"for {split.num_classes} classes")

@@ -43,7 +43,7 @@ if IMPORTED_CLASSIFIERS:
         params:
             dataset=D,
             results=R,
-            flags=flags(config["classifier"]),
+            flags=import_flags("classifier"),
         log:
             log("import_classifier", "sigma_{sigma}"),
         benchmark:

@@ -199,9 +199,11 @@ def something_trains(cfg: dict) -> bool:
 
 
 def _noisy(cfg: dict, section: str) -> dict[str, str]:
-    """A section's well-formed pretrained_noisy entries (the malformed ones are _noisy_errors')."""
+    """A section's well-formed pretrained_noisy entries for the configured sigmas (the malformed ones are
+    _noisy_errors'; entries for other sigmas are ignored, and said so once)."""
     entries = cfg[section]["pretrained_noisy"]
-    return noisy_sources([e for e in entries if not _entry_error(e)])
+    sigmas = {paths.fmt_sigma(s) for s in cfg["sigmas"]}
+    return {s: src for s, src in noisy_sources([e for e in entries if not _entry_error(e)]).items() if s in sigmas}
 
 
 def _entry_error(entry: str) -> str:
@@ -217,7 +219,7 @@ def _noisy_errors(cfg: dict) -> list[str]:
 
 
 def _noisy_list_errors(cfg: dict, section: str) -> list[str]:
-    lines, seen = [], set()
+    lines, seen, ignored = [], set(), []
     sigmas = {paths.fmt_sigma(s) for s in cfg["sigmas"]}
     for i, entry in enumerate(cfg[section]["pretrained_noisy"]):
         where = f"{section}.pretrained_noisy.{i}"
@@ -226,10 +228,13 @@ def _noisy_list_errors(cfg: dict, section: str) -> list[str]:
             continue
         sigma = parse_noisy_entry(entry)[0]
         if sigma not in sigmas:
-            lines.append(f"{where}: sigma {sigma} is not in sigmas {cfg['sigmas']}")
+            ignored.append(sigma)
         elif sigma in seen:
             lines.append(f"{where}: sigma {sigma} is listed twice")
         seen.add(sigma)
+    if ignored:
+        print(f"rcm: {section}.pretrained_noisy: ignoring the entries for sigma {', '.join(ignored)}, which are "
+              f"not in sigmas {cfg['sigmas']}", file=sys.stderr)
     return lines
 
 
@@ -296,10 +301,10 @@ BASELINE_FILES = [str(parse_baseline(item)[1]) for item in config["report"]["bas
 IMPORTED_CLASSIFIERS = {
     **({paths.fmt_sigma(0.0): config["classifier"]["pretrained"]}
        if not is_placeholder(config["classifier"]["pretrained"]) else {}),
-    **noisy_sources(config["classifier"]["pretrained_noisy"]),
+    **_noisy(config, "classifier"),
 }
 IMPORTED_DENOISER = "" if is_placeholder(config["denoiser"]["pretrained"]) else config["denoiser"]["pretrained"]
-IMPORTED_RRCM_CLASSIFIERS = noisy_sources(config["rrcm_finetune"]["pretrained_noisy"])
+IMPORTED_RRCM_CLASSIFIERS = _noisy(config, "rrcm_finetune")
 IMPORTED_RRCM = "" if is_placeholder(config["rrcm_pretrain"]["pretrained"]) else config["rrcm_pretrain"]["pretrained"]
 
 
@@ -392,6 +397,17 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return flat
 
 
+# What an import job's command carries: the options an import reads (rcm.importers.stage), and a
+# denoiser's schedule (which a diffusers folder's own scheduler config overrides). No training flags
+# and no --device: `rcm train-*` with `pretrained` set imports on the CPU and trains nothing.
+IMPORT_KEYS = ("pretrained", "pretrained_format", "pretrained_options", "pretrained_noisy",
+               "num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
+
+
+def import_flags(section: str) -> str:
+    return flags({k: v for k, v in config[section].items() if k in IMPORT_KEYS})
+
+
 # `rcm prepare`'s flags: a global, like RCM, so that each prepare job's params (the data keys it
 # reads) alone decide when it reruns
 DATA_FLAGS = flags(config["data"])
@@ -434,12 +450,13 @@ REPORT_FILES = [
 
 
 def log(rule: str, name: str = "") -> str:
-    return f"logs/{D}/{rule}/{name}.log" if name else f"logs/{D}/{rule}.log"
+    # under the results root, like everything a run writes: runs with other roots never share a file
+    return f"{R}/{D}/logs/{rule}/{name}.log" if name else f"{R}/{D}/logs/{rule}.log"
 
 
 def bench(rule: str, name: str = "") -> str:
-    # flat file names, one table per job: benchmarks/{dataset}.{rule}[.{job}].tsv
-    return f"benchmarks/{D}.{rule}.{name}.tsv" if name else f"benchmarks/{D}.{rule}.tsv"
+    # flat file names, one table per job: {results}/{dataset}/benchmarks/{rule}[.{job}].tsv
+    return f"{R}/{D}/benchmarks/{rule}.{name}.tsv" if name else f"{R}/{D}/benchmarks/{rule}.tsv"
 
 
 def models(method: str, sigma: str) -> list[str]:

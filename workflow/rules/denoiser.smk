@@ -16,7 +16,7 @@ if IMPORTED_DENOISER:
         params:
             dataset=D,
             results=R,
-            flags=flags(config["denoiser"]),
+            flags=import_flags("denoiser"),
         log:
             log("import_denoiser"),
         benchmark:

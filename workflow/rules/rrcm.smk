@@ -15,7 +15,7 @@ if IMPORTED_RRCM:
         params:
             dataset=D,
             results=R,
-            flags=flags(config["rrcm_pretrain"]),
+            flags=import_flags("rrcm_pretrain"),
         log:
             log("import_rrcm"),
         benchmark:
@@ -92,7 +92,7 @@ if IMPORTED_RRCM_CLASSIFIERS:
         params:
             dataset=D,
             results=R,
-            flags=flags(config["rrcm_finetune"]),
+            flags=import_flags("rrcm_finetune"),
         log:
             log("import_rrcm_classifier", "sigma_{sigma}"),
         benchmark:
