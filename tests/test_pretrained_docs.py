@@ -82,3 +82,38 @@ def test_the_by_hand_section_runs_as_written(tmp_path, monkeypatch, capsys):
     rows = certificate.read_text().splitlines()
     assert len(rows) == 1 + 3 and "classifier=cohen_cifar10_0.25.pt@" in rows[1]
     assert not Path("results/cifar10/models").exists()          # nothing copied under the results root
+
+
+@pytest.mark.slow
+def test_the_cohen_preset_with_cpu_small_runs_on_a_cpu(tmp_path):
+    """docs/pretrained.md's stack for Cohen et al.'s ResNet-110s, `config/cpu-small.yaml` last, on one
+    sigma (the one key changed; the preset's other pretrained_noisy entries are ignored), through the
+    workflow, on CIFAR-10 batches and a checkpoint.pth.tar in the real formats (stand-ins, hence
+    data.unverified), to a report."""
+    import yaml
+
+    from rcm.models.cohen import CohenClassifier
+    from test_import import _cohen_file, _randomise
+    from test_workflow import make_copy, snakemake, tail
+
+    stack = ["config/cifar10.yaml", "config/cifar10-cohen.yaml", "config/cpu-small.yaml"]
+    assert f"--configfile {' '.join(stack)}" in DOC.read_text()           # the stack the docs show
+    repo = make_copy(tmp_path / "repo", config="config/config.yaml")
+    preset = yaml.safe_load((repo / "config/cifar10-cohen.yaml").read_text())
+    root = yaml.safe_load((repo / "config/cifar10.yaml").read_text())["data"]["root"]
+    write_cifar10(repo / root / "cifar-10-batches-py", n_test=5000)
+    (entry,) = [e for e in preset["classifier"]["pretrained_noisy"] if e.startswith("0.25=")]
+    source = repo / entry.split("=", 1)[1]
+    source.parent.mkdir(parents=True)
+    _cohen_file(source, "cifar_resnet110", _randomise(CohenClassifier(arch="cifar_resnet110").net))
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump({"sigmas": [0.25], "data": {"unverified": True}}))
+    r = snakemake(repo, "--cores", "2", "--configfile", *stack, str(mine))
+    assert r.returncode == 0, tail(r, 6000)
+    assert "ignoring the entries for sigma 0.12, 0.5, 1.0" in r.stdout + r.stderr
+    results = repo / "results-cpu-small/cifar10"
+    rows = (results / "certify/gaussian/sigma_0.25/shard_0-of-1.tsv").read_text().splitlines()
+    assert len(rows) == 1 + 5
+    assert (results / "report/certified_accuracy.md").is_file()
+    log = (results / "logs/import_classifier/sigma_0.25.log").read_text()
+    assert "fit check of" in log and ": passed" in log
