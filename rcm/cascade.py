@@ -3,9 +3,10 @@
 Scales sigma_1 > sigma_2 > ... > sigma_K are tried from the largest down. Stage k draws n0 selection
 and n estimation samples at sigma_k and computes its bounds at level alpha_k (see ALPHA_SPLITS):
 - p_L >= p0: predict c = c_hat_k with R_k = sigma_k (Phi^-1(p_L) - Phi^-1(p0)), capped for every
-  larger scale j < k by sigma_j (Phi^-1(p0) - Phi^-1(pbar_j)), pbar_j a simultaneous upper bound on
-  the largest probability of any class other than c at sigma_j (Bonferroni Clopper-Pearson over the
-  classes). R <= 0 -> ABSTAIN.
+  larger scale j < k by sigma_j (Phi^-1(p0) - Phi^-1(pbar_j)), pbar_j an upper bound on the largest
+  probability of any class other than c at sigma_j (each other class's Clopper-Pearson upper bound
+  at alpha_k / 2: it fails with probability <= alpha_k for every number of classes, whichever class
+  c is; stats.max_other_class_upper_bound). R <= 0 -> ABSTAIN.
 - else p_U >= p0: ABSTAIN (undecidable at this scale).
 - else (confidently no class reaches p0 here): next, smaller scale. All scales pass -> ABSTAIN.
 Why: Phi^-1(p_sigma(x, c)) is 1/sigma-Lipschitz in x, so within R every larger scale keeps every

@@ -77,17 +77,21 @@ def predict_from_counts(counts, alpha: float) -> int:
 
 
 def max_other_class_upper_bound(counts, exclude: int, alpha: float) -> float:
-    """A simultaneous (1 - alpha) upper bound on the largest probability of any class except ``exclude``.
+    """An upper bound on the largest probability of any class except ``exclude`` that fails with
+    probability <= alpha, for every number of classes C >= 2 and whichever class is excluded, even
+    one chosen from the same or other data (docs/methods.md, "The off-class bound").
 
-    Bonferroni over the other classes: each gets a one-sided Clopper-Pearson upper bound at
-    alpha / (K - 1), so all of them hold together with probability >= 1 - alpha.
+    Each other class gets a one-sided Clopper-Pearson upper bound at alpha / 2. The bound can only
+    fail if the bound of one of the two most probable classes m1, m2 (fixed by the distribution,
+    not by the counts) fails: a class c != exclude above the maximum has p_c <= p_m1, and if m1 is
+    the excluded one, p_c <= p_m2 with m2 not excluded. Two bounds at alpha / 2 each: alpha.
     """
     counts = np.asarray(counts)
     others = np.delete(counts, exclude)
     if len(others) == 0:
         return 0.0
     n = counts.sum()
-    return float(np.max(upper_confidence_bound(others, n, alpha / len(others))))
+    return float(np.max(upper_confidence_bound(others, n, alpha / 2)))
 
 
 # ------------------------------------------------------------------------------ sequential certification

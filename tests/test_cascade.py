@@ -113,25 +113,42 @@ def test_cascade_rejects_unsorted_scales():
         certify_cascade([(0.25, Constant(0, 2)), (0.5, Constant(0, 2))], X, 2, 10, 10, 0.01, 10)
 
 
-def test_cascade_is_sound_where_every_positive_radius_is_false():
-    """Two classes. At sigma_1 the base classifier is a half-space through x (p_A = p_B = 1/2: the
-    smoothed classifier at sigma_1 flips under any shift, and the cascade's answer with it, since
-    p0 = 1/2); at sigma_2 it always says B. So every certificate with R > 0 is false, and their rate
-    over independent noise is the cascade's failure rate. With the default split it stays <= alpha;
-    with the harmonic split (Jeong & Shin's alpha / k) it exceeds alpha: a stage-1 certificate
-    (lower bound at alpha) and a stage-2 one (the stage-1 upper bound of A below 1/2, at alpha / 2)
-    fail on disjoint events, about 1.25 alpha together (docs/methods.md)."""
-    s1, s2, n0, n, alpha, trials = 1.0, 0.5, 100, 1000, 0.05, 20_000
-    members = [(s1, Buckets([0.0], [0, 1], 2)), (s2, Constant(1, 2))]
+def _false_certificate_rates(num_classes: int, trials: int, alpha: float, n: int, n0: int) -> dict:
+    """Rates of certificates with R > 0 on a cascade where every such certificate is false (below)."""
+    s1, s2 = 1.0, 0.5
+    # sigma_1: class 0 on one side of a half-space through x (P = 1/2); the other side split evenly
+    # over classes 1 .. C - 1 (C = 2: class 1 with P = 1/2). sigma_2: always class 1.
+    rest = num_classes - 1
+    edges = [0.0] + [s1 * norm.ppf(0.5 + 0.5 * i / rest) for i in range(1, rest)]
+    members = [(s1, Buckets(edges, list(range(num_classes)), num_classes)), (s2, Constant(1, num_classes))]
     x = torch.zeros(1, 2, 2)
     false = {"uniform": 0, "harmonic": 0}
     for t in range(trials):
         for split in false:
-            r = certify_cascade(members, x, 2, n0, n, alpha, n, generators=gens([s1, s2], idx=t),
-                                alpha_split=split)
+            r = certify_cascade(members, x, num_classes, n0, n, alpha, n,
+                                generators=gens([s1, s2], idx=t), alpha_split=split)
             false[split] += r.radius > 0
+    return {split: count / trials for split, count in false.items()}
+
+
+@pytest.mark.parametrize("num_classes,n0", [(2, 2), (10, 100)])
+def test_cascade_is_sound_where_every_positive_radius_is_false(num_classes, n0):
+    """At sigma_1 the base classifier gives class 0 on a half-space through x, so P(0) = 1/2 and the
+    smoothed classifier at sigma_1 flips under any shift (p0 = 1/2), and the cascade's answer with
+    it; at sigma_2 it always says 1. So every certificate with R > 0 is false, and their rate over
+    independent noise is the cascade's failure rate. A stage-2 certificate is issued exactly when
+    the off-class bound of class 0 at sigma_1 fails (it excludes class 1, the class stage 2 picks),
+    so the case bites on that bound, for two classes and for ten (where the other side of the
+    half-space is spread over nine classes and stage 1 always selects class 0).
+
+    With the default split the rate stays <= alpha; with the harmonic split (Jeong & Shin's
+    alpha / k) it exceeds alpha: a stage-1 certificate (lower bound at alpha) and a stage-2 one
+    (the off-class bound at sigma_1, at alpha / 2 / 2) fail on disjoint events (docs/methods.md).
+    Stage 1 selects class 0 with probability 3/4 at C = 2 (n0 = 2: a 1-1 tie goes to class 0) and
+    almost surely at C = 10 (n0 = 100 draws against nine classes of 1/18 each)."""
+    alpha, trials = 0.2, 20_000
+    rate = _false_certificate_rates(num_classes, trials, alpha, n=500, n0=n0)
     slack = 3 * math.sqrt(alpha * (1 - alpha) / trials)
-    rate = {split: count / trials for split, count in false.items()}
-    print(f"\nfalse-certificate rates at alpha = {alpha}: {rate}")
+    print(f"\nfalse-certificate rates at alpha = {alpha}, C = {num_classes}: {rate}")
     assert rate["uniform"] <= alpha + slack
     assert rate["harmonic"] > alpha + slack
