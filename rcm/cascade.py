@@ -8,7 +8,9 @@ and n estimation samples at sigma_k and computes its bounds at level alpha_k (se
   at alpha_k / 2: it fails with probability <= alpha_k for every number of classes, whichever class
   c is; stats.max_other_class_upper_bound). R <= 0 -> ABSTAIN.
 - else p_U >= p0: ABSTAIN (undecidable at this scale).
-- else (confidently no class reaches p0 here): next, smaller scale. All scales pass -> ABSTAIN.
+- else (p_U < p0: the selected class c_hat_k is confidently below p0 here; no other class is
+  checked, none needs to be: the cap of a later certificate bounds them): next, smaller scale.
+  All scales pass -> ABSTAIN.
 Why: Phi^-1(p_sigma(x, c)) is 1/sigma-Lipschitz in x, so within R every larger scale keeps every
 class other than c below p0 (it abstains or says c) and scale k keeps c above p0. This needs
 p0 >= 1/2 (at most one class can then reach p0 at a scale).
@@ -65,7 +67,7 @@ class CascadeResult:
     stage: int               # 1-based stage that decided, 0 if every scale passed
     sigma: float             # sigma of the deciding stage (nan if none)
     count_a: int             # estimation count of the selected class at the deciding stage
-    p_a_lower: float         # its lower bound (at alpha / stage)
+    p_a_lower: float         # its lower bound (at the stage's level alpha_k: alpha / (2K - 1) by default)
     samples: int             # noise draws spent on this image, all stages
 
 
