@@ -124,28 +124,31 @@ def sequential_levels(num_looks: int, alpha: float) -> float:
     return alpha / num_looks
 
 
-def sequential_stop(k: int, n: int, level: float, sigma: float, targets) -> bool:
+def sequential_stop(k: int, n: int, level: float, sigma: float, targets, p0: float = 0.5) -> bool:
     """Whether a sequential certificate may stop after k of n draws landed on the selected class.
 
     ``targets`` are the radii that matter (e.g. a report's columns), ascending, each one reachable
     within n_max. Stop when the lower bound certifies the largest target, or when the upper bound
     at the same level shows that the next target above the one certified now is out of reach. The
-    rule only decides when to stop: the radius is valid whatever it decides (docs/methods.md)."""
+    rule only decides when to stop: the radius is valid whatever it decides (docs/methods.md).
+    ``p0``: the cascade's threshold (radius sigma (Phi^-1(p) - Phi^-1(p0)); 1/2 for Cohen et al.)."""
     lower = float(lower_confidence_bound(k, n, level))
-    above = [r for r in targets if lower < threshold(r, sigma)]
+    above = [r for r in targets if lower < threshold(r, sigma, p0)]
     if not above:
         return True
-    return float(upper_confidence_bound(k, n, level)) < threshold(above[0], sigma)
+    return float(upper_confidence_bound(k, n, level)) < threshold(above[0], sigma, p0)
 
 
-def threshold(r: float, sigma: float) -> float:
-    """The p_A that certifies radius r at noise sigma: Phi(r / sigma); for r = 0, just above 1/2
-    (a lower bound of exactly 1/2 abstains)."""
-    return float(np.nextafter(0.5, 1.0)) if r <= 0 else float(norm.cdf(r / sigma))
+def threshold(r: float, sigma: float, p0: float = 0.5) -> float:
+    """The p_A that certifies radius r at noise sigma: Phi(r / sigma + Phi^-1(p0)); for r = 0, just
+    above p0 (a lower bound of exactly p0 abstains). p0 = 1/2: Phi(r / sigma)."""
+    if r <= 0:
+        return float(np.nextafter(p0, 1.0))
+    return float(norm.cdf(r / sigma + norm.ppf(p0)))
 
 
-def reachable_targets(radii, sigma: float, n_max: int, level: float) -> list[float]:
+def reachable_targets(radii, sigma: float, n_max: int, level: float, p0: float = 0.5) -> list[float]:
     """The radii a bound at ``level`` can certify with n_max draws at most (all of them on the
     selected class gives the largest lower bound, level ** (1 / n_max)), ascending."""
     best = float(lower_confidence_bound(n_max, n_max, level))
-    return sorted(r for r in {float(r) for r in radii} if r >= 0 and threshold(r, sigma) <= best)
+    return sorted(r for r in {float(r) for r in radii} if r >= 0 and threshold(r, sigma, p0) <= best)

@@ -121,6 +121,37 @@ def test_sequential_certificates_sit_beside_fixed_n_ones(tmp_path):
     assert styles["gaussian_sigma_0.25"]["color"] != styles["gaussian_sigma_0.5"]["color"]
 
 
+def test_a_sequential_cascade_sits_beside_the_fixed_n_cascade_with_its_draws(tmp_path):
+    """`sigma_cascade_sequential` is the entry `{method}_cascade_sequential`; the cost table gives
+    its draws per image and its saving over the fixed-n cascade's mean draws (stages reached)."""
+    from rcm.report import cost, line_styles
+
+    root = tmp_path / "results"
+    common = dict(n0=10, n=90, alpha=0.001, alpha_split="uniform", alpha_guaranteed=0.001)
+    fixed = [dict(idx=i, label=i, predict=i, radius=0.3, time=0.1, stage=s, samples=100 * s, **common)
+             for i, s in enumerate([1, 2, 2, 1])]  # mean 150 draws
+    seq = [dict(idx=i, label=i, predict=i, radius=0.25, time=0.1, stage=s, samples=m, sequential=1,
+                radii="0 0.25", **common) for i, (s, m) in enumerate([(1, 20), (2, 50), (2, 60), (1, 20)])]
+    files = [write_certificate(paths.certificate(root, "digits", "mdds", "cascade", 0, 1, sequential), rows,
+                               extra_columns=[c for c in rows[0] if c not in ("idx", "label", "predict",
+                                                                              "radius", "time")])
+             for sequential, rows in ((True, seq), (False, fixed))]
+    entries = load_entries(files)
+    assert [e.name for e in entries] == ["mdds_cascade", "mdds_cascade_sequential"]
+    assert [e.sequential for e in entries] == [False, True]
+    c = cost(entries).set_index("name")
+    assert c.loc["mdds_cascade_sequential", "draws_per_image"] == pytest.approx(37.5)
+    assert c.loc["mdds_cascade_sequential", "draws_saving"] == pytest.approx(150 / 37.5)
+    assert np.isnan(c.loc["mdds_cascade", "draws_saving"])
+    assert cost(entries[1:]).set_index("name").draws_saving.isna().all()  # no twin: no saving
+    styles = line_styles(entries)
+    assert styles["mdds_cascade_sequential"]["color"] == styles["mdds_cascade"]["color"]
+    assert styles["mdds_cascade_sequential"]["linestyle"] == ":"
+    out = tmp_path / "report"
+    assert cli(["report", *map(str, files), "--radii", "0", "0.25", "--out", str(out)]) == 0
+    assert "| mdds_cascade_sequential | off | 4 | 0.1 | 37.5 | 4.0× |" in (out / "cost.md").read_text()
+
+
 def _markdown_tables(text: str) -> list[list[list[str]]]:
     """The body rows (cells) of each Markdown table in ``text``."""
     tables, current = [], None

@@ -121,7 +121,8 @@ def cost_markdown(table: pd.DataFrame) -> str:
     note = ("\nSeconds come from each certificate's `time` column (measured on the machine that "
             "certified it; published logs ran elsewhere). FLOPs only where the certificate has a "
             "`flops` column. Sequential entries (`*_sequential`) stop each image's sampling early; "
-            "their saving is n0 + n_max over their mean draws per image. `amp` is the precision the "
+            "their saving is their fixed-n twin's mean draws per image (n0 + n for one σ; for a cascade, "
+            "n0 + n per stage it reached) over theirs. `amp` is the precision the "
             "base classifier ran in (off: float32; published logs: off).\n")
     return "\n".join(lines) + "\n" + note
 
