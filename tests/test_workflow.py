@@ -453,6 +453,29 @@ def test_sequential_methods_are_certified_beside_or_instead_of_fixed_n(fresh, tm
                                           "certify_sequential", "report"}
 
 
+def test_a_sequential_method_certifies_its_cascade_sequentially(fresh, tmp_path):
+    """A method of `sequential_methods` with a cascade gets a `sigma_cascade_sequential` certificate
+    per shard, from the cascade's flags with --sequential and the `sequential` section; a cascade
+    whose method is not sequential gets none. The report reads them."""
+    from rcm import paths
+
+    cfg = load_config(fresh / "config/config.yaml")
+    mdds = next(c for c in cfg["cascades"] if c["method"] == "mdds")
+    data = {"sequential_methods": ["mdds"], "sequential_cascades": [mdds]}
+    jobs = dry_run(fresh, "--configfile", overlay(tmp_path, "seq_cascade", data))
+    shards = cfg["certify"]["shards"]
+    seq = {o for j in jobs if j.rule == "certify_cascade_sequential" for o in j.outputs}
+    assert seq == {str(paths.certificate("results", "digits", "mdds", "cascade", k, shards, sequential=True))
+                   for k in range(shards)}
+    for job in jobs:
+        if job.rule == "certify_cascade_sequential":
+            args = parse_rcm(rcm_tokens(job.shell))
+            assert args.sequential and args.sigma == "cascade" and args.sigmas == mdds["flags"]["sigmas"]
+            assert args.radii == cfg["sequential"]["radii"]
+    (report,) = [j for j in jobs if j.rule == "report"]
+    assert seq <= set(report.inputs)
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_command_parses_with_the_stage_flags(tmp_path, config):
     """Each job's command parses with `rcm`'s own parser, and every flag comes back as the config
@@ -535,6 +558,8 @@ BAD_CONFIGS = {
     "cascade over an unknown sigma": ({"cascades": [{"method": "mdds", "flags": {"sigmas": [2.0], "p0": 0.5}}]},
                                       "cascades.0.flags.sigmas"),
     "cascade of a method not run": ({"methods": ["gaussian"]}, "cascades.0.method: 'mdds' is not in methods"),
+    "sequential cascades that are not those of sequential_methods": (
+        {"sequential_methods": ["gaussian"]}, "sequential_cascades: must be the cascades of sequential_methods"),
     "nothing to certify": ({"methods": [], "cascades": [], "sequential_methods": []},
                            "methods: empty, and so is sequential_methods"),
     "negative sequential radius": ({"sequential": {"radii": [-0.5]}}, "sequential.radii.0"),
