@@ -152,3 +152,31 @@ def reachable_targets(radii, sigma: float, n_max: int, level: float, p0: float =
     selected class gives the largest lower bound, level ** (1 / n_max)), ascending."""
     best = float(lower_confidence_bound(n_max, n_max, level))
     return sorted(r for r in {float(r) for r in radii} if r >= 0 and threshold(r, sigma, p0) <= best)
+
+
+def oracle_draws(p_a: float, target: float, alpha: float) -> float:
+    """The fewest estimation draws n with which a fixed-n Clopper-Pearson lower bound at ``alpha``
+    reaches ``target`` when the count is its expectation n * p_a (p_a known exactly): the least n
+    with Beta.ppf(alpha; n p_a, n (1 - p_a) + 1) >= target. inf when p_a <= target (no n is enough).
+
+    The yardstick of a stopping rule: an image whose certificate needs the lower bound to reach
+    ``target`` cannot be expected to stop, with any rule at level alpha, before about this many
+    draws (a rule at a smaller level, as the sequential one is, needs more)."""
+    if not 0 < target < 1 or not 0 < alpha < 1:
+        raise ValueError(f"need target and alpha in (0, 1), got {target}, {alpha}")
+    if not p_a > target:
+        return math.inf
+
+    def reaches(n: int) -> bool:
+        return float(lower_confidence_bound(n * p_a, n, alpha)) >= target
+
+    high = 1
+    while not reaches(high):
+        high *= 2
+        if high > 2 ** 62:
+            return math.inf
+    low = high // 2  # reaches(low) is False (or low = 0)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if reaches(mid) else (mid, high)
+    return float(high)

@@ -116,3 +116,16 @@ def test_max_other_class_bound_holds_at_alpha_whichever_class_is_excluded():
             bonferroni = fails(lambda c, e: float(np.max(stats.upper_confidence_bound(
                 np.delete(c, e), n, alpha / (len(p) - 1)))))
             assert bonferroni > limit, bonferroni
+
+
+def test_oracle_draws_is_the_least_n_whose_bound_at_the_expected_count_reaches_the_target():
+    import math
+
+    # p_A = 1: the bound with all n draws on the class is alpha ** (1 / n)
+    for target in (0.6, 0.9, 0.99):
+        assert stats.oracle_draws(1.0, target, 0.001) == math.ceil(math.log(0.001) / math.log(target))
+    for p, target, alpha in [(0.99, 0.95, 0.001), (0.7, 0.6, 0.01), (0.9, 0.5 + 1e-9, 0.05)]:
+        n = stats.oracle_draws(p, target, alpha)
+        assert stats.lower_confidence_bound(n * p, n, alpha) >= target
+        assert all(stats.lower_confidence_bound(m * p, m, alpha) < target for m in range(1, int(n)))
+    assert stats.oracle_draws(0.6, 0.6, 0.001) == math.inf and stats.oracle_draws(0.5, 0.7, 0.001) == math.inf

@@ -659,11 +659,12 @@ def test_tiny_run_makes_every_output(tiny_run):
     assert {p.name for p in report.iterdir() if not p.name.startswith(".")} == REPORT_FILES  # DVC adds .gitignore
     sources = (report / "sources.txt").read_text()
     shards = sorted((repo / "results" / cfg["dataset"] / "certify").rglob("shard_*.tsv"))
-    per_shard = (len(cfg["methods"]) + len(cfg["sequential_methods"])) * len(cfg["sigmas"]) + len(cfg["cascades"])
+    per_shard = ((len(cfg["methods"]) + len(cfg["sequential_methods"])) * len(cfg["sigmas"]) + len(cfg["cascades"])
+                 + len(cfg["sequential_cascades"]))
     assert len(shards) == per_shard * cfg["certify"]["shards"]
     assert all(str(p.relative_to(repo)) in sources for p in shards)
     metrics = json.loads((report / "metrics.json").read_text())
-    assert metrics
+    assert {f"{c['method']}_cascade_sequential" for c in cfg["sequential_cascades"]} <= set(metrics)
     # one benchmark table per job; the totals per rule go into docs/workflow.md
     per_rule = {}
     for table in sorted((repo / "benchmarks").glob("*.tsv")):
