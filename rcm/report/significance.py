@@ -29,6 +29,7 @@ from rcm.report.entries import Entry
 
 LEVEL = 0.95  # of the intervals
 SIGNIFICANCE = 0.05  # of the paired tests the Markdown report reads
+HOLM_SHOWN = 12  # pairs named per radius in the Markdown's Holm list (smallest p_holm first)
 
 
 def clopper_pearson(k: int, n: int, level: float = LEVEL) -> tuple[float, float]:
@@ -173,7 +174,8 @@ def planned_lines(paired: pd.DataFrame, planned: Sequence[tuple[str, str]], radi
 
 
 def holm_lines(paired: pd.DataFrame, radii: Sequence[float]) -> list[str]:
-    """Per radius, the pairs whose Holm-adjusted p is below SIGNIFICANCE (who certifies more)."""
+    """Per radius, the pairs whose Holm-adjusted p is below SIGNIFICANCE (who certifies more), the
+    HOLM_SHOWN smallest named."""
     lines = []
     for r in radii:
         at = paired[paired.radius == r]
@@ -183,5 +185,7 @@ def holm_lines(paired: pd.DataFrame, radii: Sequence[float]) -> list[str]:
         pairs = [f"{row.a if row.a_only > row.b_only else row.b} over "
                  f"{row.b if row.a_only > row.b_only else row.a} (p_holm = {row.p_holm:.3g})"
                  for row in hits.itertuples()]
-        lines.append(f"r = {r:g}: {len(hits)} of {len(at)} pairs" + (": " + "; ".join(pairs) if pairs else ""))
+        shown = "; ".join(pairs[:HOLM_SHOWN]) + (f"; and {len(pairs) - HOLM_SHOWN} more (paired_tests.csv)"
+                                                 if len(pairs) > HOLM_SHOWN else "")
+        lines.append(f"r = {r:g}: {len(hits)} of {len(at)} pairs" + (": " + shown if pairs else ""))
     return lines
