@@ -202,6 +202,20 @@ def test_a_sequential_cascade_stops_each_stage_early_and_uses_the_split_level():
     assert r.count_a in looks and r.samples < 2 * (N0 + n) // 10
     assert [s - N0 for s in r.stage_samples][0] in looks and sum(r.stage_samples) == r.samples
     assert 0.25 <= r.radius < 1.0  # the cap at sigma_1 passes 0.25, not 1
+    # the cap: stage 1's counts at the look it stopped at (replayed look by look on its stream),
+    # every other class's upper bound at the stage-2 level split over the looks, / 2
+    g1 = gens([s1])[0]
+    smooth = Smooth(members[0][1], 3, s1)
+    smooth.sample_counts(X, N0, 10_000, g1)
+    counts, drawn = np.zeros(3, dtype=np.int64), 0
+    for look in looks:
+        if look > r.stage_samples[0] - N0:
+            break
+        counts += smooth.sample_counts(X, look - drawn, 10_000, g1)
+        drawn = look
+    assert drawn == r.stage_samples[0] - N0
+    cap = -stats.radius(s1, stats.max_other_class_upper_bound(counts, 1, level), 0.5)
+    assert r.radius == pytest.approx(min(s2 * norm.ppf(r.p_a_lower), cap))
 
 
 @pytest.mark.parametrize("num_classes,n0", [(2, 2), (10, 100)])
