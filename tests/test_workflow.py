@@ -730,11 +730,12 @@ def test_added_sigma_runs_only_its_jobs(tiny_run, tmp_path):
                                       "report"}
     new = [o for j in jobs if j.rule != "report" for o in j.outputs]
     assert all("sigma_1.0" in o for o in new), new
-    assert len([o for o in new if "/certify/" in o]) == (4 + 1) * 2  # four methods and sequential gaussian, two shards
+    # four methods, and sequential gaussian and mdds, two shards (the cascade's scales are unchanged)
+    assert len([o for o in new if "/certify/" in o]) == (4 + 2) * 2
     changed = dvc_changed(repo)
     assert changed == {"train-classifier@1.0", "finetune-rrcm@1.0"} | {
         f"certify-{m}@1.0-{k}" for m in ("gaussian", "dds", "mdds", "rrcm") for k in (0, 1)} | {
-        f"certify-sequential@gaussian-1.0-{k}" for k in (0, 1)}
+        f"certify-sequential@{m}-1.0-{k}" for m in ("gaussian", "mdds") for k in (0, 1)}
 
 
 @pytest.mark.slow
@@ -742,17 +743,19 @@ def test_changed_certify_n_reruns_certification_not_training(tiny_run, tmp_path)
     repo = clone(tiny_run.path, tmp_path / "repo")
     _edit_config(repo, lambda c: c["certify"].update(n=60))
     jobs = dry_run(repo)
-    assert {j.rule for j in jobs} == {"certify", "certify_cascade", "certify_sequential", "report"}
-    assert len(jobs) == 16 + 2 + 4 + 1
+    assert {j.rule for j in jobs} == {"certify", "certify_cascade", "certify_sequential",
+                                      "certify_cascade_sequential", "report"}
+    assert len(jobs) == 16 + 2 + 8 + 2 + 1
     changed = dvc_changed(repo)
-    assert changed and all(name.startswith("certify-") for name in changed) and len(changed) == 22
+    assert changed and all(name.startswith("certify-") for name in changed) and len(changed) == 28
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("module, rules, certified, stages", [
     ("rcm/train/rrcm_finetune.py", {"finetune_rrcm", "certify", "report"}, {"rrcm"},
      {"finetune-rrcm@0.25", "finetune-rrcm@0.5"}),
-    ("rcm/train/mdds.py", {"finetune_denoiser", "certify", "certify_cascade", "report"}, {"mdds"},
+    ("rcm/train/mdds.py", {"finetune_denoiser", "certify", "certify_cascade", "certify_sequential",
+                           "certify_cascade_sequential", "report"}, {"mdds"},
      {"finetune-denoiser"}),
     ("rcm/report/tables.py", {"report"}, set(), {"report"}),
 ])
@@ -875,16 +878,18 @@ def test_config_overrides_rerun_only_what_depends_on_them(tiny_run):
     """`--config` is how a user reruns one setting: n changes certification and the report only; a
     smaller sigma grid (and no cascade) leaves only the report to redo, over fewer certificates."""
     jobs = dry_run(tiny_run.path, "--config", 'certify={"n": 100}')
-    assert {j.rule for j in jobs} == {"certify", "certify_cascade", "certify_sequential", "report"}
-    assert len(jobs) == 16 + 2 + 4 + 1
+    assert {j.rule for j in jobs} == {"certify", "certify_cascade", "certify_sequential",
+                                      "certify_cascade_sequential", "report"}
+    assert len(jobs) == 16 + 2 + 8 + 2 + 1
     assert all(vars(parse_rcm(rcm_tokens(j.shell)))["n"] == 100 for j in jobs if j.rule.startswith("certify"))
-    jobs = dry_run(tiny_run.path, "--config", "sigmas=[0.25]", "cascades=[]")
+    jobs = dry_run(tiny_run.path, "--config", "sigmas=[0.25]", "cascades=[]", "sequential_cascades=[]")
     assert [j.rule for j in jobs] == ["report"]
     certificates = [f for f in jobs[0].inputs if f.endswith(".tsv")]
-    assert len(certificates) == (4 + 1) * 2 and all("/sigma_0.25" in f for f in certificates)
+    assert len(certificates) == (4 + 2) * 2 and all("/sigma_0.25" in f for f in certificates)
     # a data key reprepares only the part that reads it: the test split's `skip` retrains nothing...
     jobs = dry_run(tiny_run.path, "--config", 'data={"skip": 2}')
-    assert {j.rule for j in jobs} == {"prepare", "certify", "certify_cascade", "certify_sequential", "report"}
+    assert {j.rule for j in jobs} == {"prepare", "certify", "certify_cascade", "certify_sequential",
+                                      "certify_cascade_sequential", "report"}
     # ...and the training splits' `val_fraction` trains again, on the same test split
     rules = {j.rule for j in dry_run(tiny_run.path, "--config", 'data={"val_fraction": 0.2}')}
     assert "prepare_train" in rules and "train_classifier" in rules and "prepare" not in rules
@@ -900,8 +905,9 @@ def test_dvc_plots_draw_a_curve_per_entry(tiny_run):
     series = {row["name"] for row in content["data"]["values"]}
     tidy = pd.read_csv(tiny_run.path / "results/digits/report/certified_accuracy.csv")
     assert series == set(tidy[tidy.kind != "envelope"].name)
-    assert len(series) == (4 + 1) * 2 + 1  # four methods and sequential gaussian at two sigmas, the mdds cascade
-    assert {"gaussian_sigma_0.25_sequential", "gaussian_sigma_0.5_sequential"} <= series
+    # four methods and sequential gaussian and mdds at two sigmas, the mdds cascade fixed-n and sequential
+    assert len(series) == (4 + 2) * 2 + 2
+    assert {"gaussian_sigma_0.25_sequential", "gaussian_sigma_0.5_sequential", "mdds_cascade_sequential"} <= series
 
 
 @pytest.mark.slow
