@@ -6,16 +6,26 @@ with n_max = n, stopping on the report's radii. Prints, per (method, sigma), cer
 both at each radius, mean, median and 90th percentile of noise draws per image, the saving in
 draws, wall time, and how many images stopped within 1 000, 10 000, later, or ran to n0 + n_max
 draws. Writes nothing into the run's results (``--draws_csv``: the per-image rows, elsewhere).
+
+The oracle column is the figure of merit of the stopping rule: for each image the sequential run
+certifies, the fewest estimation draws a fixed-n Clopper-Pearson bound at the same alpha would need
+to certify the radius the sequential run reported, if p_A were known exactly (the count at its
+expectation, stats.oracle_draws). p_A is taken as the fixed-n run's count / n (n = n_max draws of
+the same stream). Printed: the mean oracle draws and mean sequential estimation draws over those
+images, and their ratio (sequential / oracle; images whose estimated p_A does not exceed the
+reported bound have no finite oracle and are counted apart).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import numpy as np
 import pandas as pd
 import torch
+from scipy.stats import norm
 
 from rcm import paths
 from rcm.data import load_split
@@ -24,6 +34,7 @@ from rcm.atomic import write_text
 from rcm.options import resolve_device
 from rcm.report import DEFAULT_RADII, certified_accuracy
 from rcm.smoothing import Smooth, noise_generator
+from rcm.stats import ABSTAIN, oracle_draws
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,8 +68,9 @@ def bench_pair(smooth: Smooth, images, labels, idxs, args, method: str, sigma: f
     per_image = []
     for x, idx in zip(images, idxs):
         start = time.perf_counter()
-        fixed.append(smooth.certify(x, args.n0, args.n, args.alpha, args.batch_size,
-                                    noise_generator(args.seed, method, sigma, idx, x.device)))
+        p_fixed, r_fixed, count_fixed, _ = smooth.certify_with_details(
+            x, args.n0, args.n, args.alpha, args.batch_size, noise_generator(args.seed, method, sigma, idx, x.device))
+        fixed.append((p_fixed, r_fixed))
         seconds["fixed"] += time.perf_counter() - start
         start = time.perf_counter()
         p, r, used = smooth.certify_sequential(x, args.n0, args.n, args.alpha, args.batch_size, args.radii,
@@ -66,9 +78,16 @@ def bench_pair(smooth: Smooth, images, labels, idxs, args, method: str, sigma: f
         seconds["sequential"] += time.perf_counter() - start
         seq.append((p, r))
         draws.append(used)
+        # the oracle: p_A = the fixed-n estimate on the same stream (same selection, so the same class)
+        oracle = (oracle_draws(count_fixed / args.n, float(norm.cdf(r / sigma)), args.alpha)
+                  if p != ABSTAIN else math.nan)
         per_image.append(dict(method=method, sigma=sigma, idx=idx, fixed_predict=fixed[-1][0],
-                              fixed_radius=fixed[-1][1], sequential_predict=p, sequential_radius=r, draws=used))
+                              fixed_radius=fixed[-1][1], sequential_predict=p, sequential_radius=r, draws=used,
+                              p_a_estimate=count_fixed / args.n, oracle_draws=oracle))
     draws = np.array(draws)
+    oracle = np.array([row["oracle_draws"] for row in per_image])
+    finite = np.isfinite(oracle)
+    seq_estimation = draws[finite] - args.n0
     full = args.n0 + args.n
     buckets = [int((draws <= 1_000).sum()), int(((draws > 1_000) & (draws <= 10_000)).sum()),
                int(((draws > 10_000) & (draws < full)).sum()), int((draws >= full).sum())]
@@ -76,7 +95,10 @@ def bench_pair(smooth: Smooth, images, labels, idxs, args, method: str, sigma: f
                 fixed=_accuracy(fixed, labels, args.radii), sequential=_accuracy(seq, labels, args.radii),
                 fixed_draws=full, mean_draws=float(draws.mean()),
                 median_draws=float(np.median(draws)), p90_draws=float(np.percentile(draws, 90)),
-                buckets=buckets, seconds=seconds, per_image=per_image)
+                buckets=buckets, seconds=seconds, per_image=per_image,
+                oracle_images=int(finite.sum()), no_oracle=int((~np.isnan(oracle) & ~finite).sum()),
+                oracle_mean=float(oracle[finite].mean()) if finite.any() else math.nan,
+                seq_estimation_mean=float(seq_estimation.mean()) if finite.any() else math.nan)
 
 
 def main(args) -> None:
@@ -89,8 +111,9 @@ def main(args) -> None:
     radii = " ".join(f"{r:g}" for r in args.radii)
     print(f"{len(idxs)} images, n0={args.n0}, n = n_max = {args.n}, alpha={args.alpha}, radii {radii}")
     print("| method | sigma | rule | " + " | ".join(f"r={r:g}" for r in args.radii)
-          + " | mean draws | median draws | p90 draws | saving | seconds | draws <=1k / <=10k / more / all |")
-    print("|---|---|---|" + "---|" * len(args.radii) + "---|---|---|---|---|---|")
+          + " | mean draws | median draws | p90 draws | saving | seconds | draws <=1k / <=10k / more / all "
+          "| oracle images | seq. estimation draws | oracle draws | seq. / oracle |")
+    print("|---|---|---|" + "---|" * len(args.radii) + "---|---|---|---|---|---|---|---|---|---|")
     per_image = []
     for method in args.methods:
         for sigma in args.sigmas:
@@ -106,7 +129,13 @@ def main(args) -> None:
                     draws = (f"{r['mean_draws']:.0f} | {r['median_draws']:.0f} | {r['p90_draws']:.0f} | "
                              f"{r['fixed_draws'] / r['mean_draws']:.1f}x")
                 spread = " / ".join(map(str, r["buckets"])) if rule == "sequential" else ""
-                print(f"| {method} | {sigma:g} | {rule} | {acc} | {draws} | {r['seconds'][rule]:.1f} | {spread} |",
-                      flush=True)
+                oracle = " | | | "
+                if rule == "sequential":
+                    ratio = r["seq_estimation_mean"] / r["oracle_mean"] if r["oracle_images"] else math.nan
+                    apart = f" (+{r['no_oracle']} without)" if r["no_oracle"] else ""
+                    oracle = (f"{r['oracle_images']}{apart} | {r['seq_estimation_mean']:.0f} | "
+                              f"{r['oracle_mean']:.0f} | {ratio:.2f}x")
+                print(f"| {method} | {sigma:g} | {rule} | {acc} | {draws} | {r['seconds'][rule]:.1f} | {spread} | "
+                      f"{oracle} |", flush=True)
     if args.draws_csv:
         write_text(args.draws_csv, pd.DataFrame(per_image).to_csv(index=False))

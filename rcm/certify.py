@@ -43,7 +43,9 @@ EXTRA_COLUMNS = ("sigma", "n0", "n", "alpha", "count_a", "p_a_lower", "seed", "b
 SEQUENTIAL_COLUMNS = EXTRA_COLUMNS + ("sequential", "radii")
 # alpha_guaranteed: the level the union bound guarantees (alpha unless the split is 'harmonic')
 CASCADE_COLUMNS = ("sigma", "stage", "n0", "n", "alpha", "alpha_split", "alpha_guaranteed", "p0", "count_a",
-                   "p_a_lower", "seed", "batch_size", "flops", "amp")
+                   "p_a_lower", "seed", "batch_size", "flops", "amp", "samples")
+# a sequential cascade: n is each stage's n_max, samples the draws of every stage tried
+SEQUENTIAL_CASCADE_COLUMNS = CASCADE_COLUMNS + ("sequential", "radii")
 # the arithmetic the rows depend on beyond the protocol (rcm.precision.arithmetic_provenance), last in
 # every certificate: device type and model, compute capability (empty on a CPU), torch / CUDA / cuDNN
 # versions, and whether float32 matmuls and cuDNN convolutions ran in TF32 (1) or IEEE float32 (0)
@@ -149,12 +151,10 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
     rrcm). Every model file used is recorded, with its sha256, in the certificate's ``models`` column.
 
     ``sequential``: Smooth.certify_sequential with n_max = o.n, stopping on the target ``radii``
-    (default: the report's radii); not for cascades (docs/methods.md)."""
+    (default: the report's radii); a cascade stops each stage's sampling so (docs/methods.md)."""
     sigmas = sorted(sigmas or [], reverse=True)
     validate(method, sigma, shard, o, sigmas, p0, alpha_split)
     radii = sorted(DEFAULT_RADII if radii is None else radii)
-    if sequential and sigma == paths.CASCADE:
-        raise ConfigError("--sequential is not implemented for cascades: certify them with fixed n")
     if sequential and (not radii or min(radii) < 0):
         raise ConfigError(f"--radii must list radii >= 0 for --sequential, got {radii}")
     device = resolve_device(o.device)
@@ -204,13 +204,14 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
         if cascade:
             gens = [noise_generator(o.seed, method, s, idx, device) for s, _ in members]
             r = certify_cascade(members, x, split.num_classes, o.n0, o.n, o.alpha, batch_size, p0, gens,
-                                alpha_split)
+                                alpha_split, radii=radii if sequential else None)
             prediction, radius = r.prediction, r.radius
-            stages = (r.stage or len(members))
             extra = dict(sigma=r.sigma, stage=r.stage, p0=p0, alpha_split=alpha_split,
                          alpha_guaranteed=alpha_guaranteed,
-                         count_a=r.count_a, p_a_lower=r.p_a_lower,
-                         flops=sum(flops[:stages]) * (o.n0 + o.n))
+                         count_a=r.count_a, p_a_lower=r.p_a_lower, samples=r.samples,
+                         flops=sum(f * s for f, s in zip(flops, r.stage_samples)))
+            if sequential:
+                extra.update(sequential=1, radii=" ".join(f"{t:g}" for t in radii))
         elif sequential:
             gen = noise_generator(o.seed, method, sigma, idx, device)
             try:
@@ -235,7 +236,8 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
     bar.close()
     finished = False
     try:
-        columns = CASCADE_COLUMNS if cascade else SEQUENTIAL_COLUMNS if sequential else EXTRA_COLUMNS
+        columns = ((SEQUENTIAL_CASCADE_COLUMNS if sequential else CASCADE_COLUMNS) if cascade else
+                   SEQUENTIAL_COLUMNS if sequential else EXTRA_COLUMNS)
         write_certificate(out, records, columns + PROVENANCE_COLUMNS + (MODELS_COLUMN,))
         finished = True
     finally:

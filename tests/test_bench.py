@@ -45,7 +45,21 @@ def test_bench_sequential_prints_both_rules_per_method_and_sigma(digits_results,
     draws = pd.read_csv(digits_results / "draws.csv")
     assert len(draws) == 2 * len(draws.idx.unique()) and set(draws.method) == {"gaussian", "dds"}
     assert float(seq[5]) == pytest.approx(draws[draws.method == "gaussian"].draws.mean(), abs=0.5)
-    assert [int(c) for c in seq[10].rstrip(" |").split(" / ")] == [  # the draws' spread: <=1k, <=10k, more, all 20010
+    # the oracle: with p_A = 1 (every draw class 0) a fixed-n bound at alpha reaches t = Phi(r / sigma)
+    # after ceil(ln alpha / ln t) draws; the table's mean and ratio are over the certified images
+    import math
+
+    from scipy.stats import norm
+    g = draws[draws.method == "gaussian"]
+    expected = [math.ceil(math.log(0.001) / math.log(norm.cdf(r / 0.5))) for r in g.sequential_radius]
+    assert g.oracle_draws.tolist() == pytest.approx(expected, abs=1)
+    assert (g.p_a_estimate == 1).all()
+    images, seq_draws, oracle, ratio = (c.strip(" |") for c in seq[11:15])
+    assert int(images) == len(g) and float(oracle) == pytest.approx(g.oracle_draws.mean(), abs=0.5)
+    assert float(seq_draws) == pytest.approx((g.draws - 10).mean(), abs=0.5)
+    assert ratio.endswith("x") and float(ratio[:-1]) == pytest.approx(float(seq_draws) / float(oracle), abs=0.01)
+    assert float(ratio[:-1]) >= 1  # no rule at a smaller level beats the oracle at alpha
+    assert [int(c) for c in seq[10].split(" / ")] == [  # the draws' spread: <=1k, <=10k, more, all 20010
         (draws.draws <= 1000).sum() // 2, ((draws.draws > 1000) & (draws.draws <= 10000)).sum() // 2,
         ((draws.draws > 10000) & (draws.draws < 20010)).sum() // 2, (draws.draws == 20010).sum() // 2]
 

@@ -113,25 +113,131 @@ def test_cascade_rejects_unsorted_scales():
         certify_cascade([(0.25, Constant(0, 2)), (0.5, Constant(0, 2))], X, 2, 10, 10, 0.01, 10)
 
 
-def test_cascade_is_sound_where_every_positive_radius_is_false():
-    """Two classes. At sigma_1 the base classifier is a half-space through x (p_A = p_B = 1/2: the
-    smoothed classifier at sigma_1 flips under any shift, and the cascade's answer with it, since
-    p0 = 1/2); at sigma_2 it always says B. So every certificate with R > 0 is false, and their rate
-    over independent noise is the cascade's failure rate. With the default split it stays <= alpha;
-    with the harmonic split (Jeong & Shin's alpha / k) it exceeds alpha: a stage-1 certificate
-    (lower bound at alpha) and a stage-2 one (the stage-1 upper bound of A below 1/2, at alpha / 2)
-    fail on disjoint events, about 1.25 alpha together (docs/methods.md)."""
-    s1, s2, n0, n, alpha, trials = 1.0, 0.5, 100, 1000, 0.05, 20_000
-    members = [(s1, Buckets([0.0], [0, 1], 2)), (s2, Constant(1, 2))]
+def _false_certificate_rates(num_classes: int, trials: int, alpha: float, n: int, n0: int) -> dict:
+    """Rates of certificates with R > 0 on a cascade where every such certificate is false (below)."""
+    s1, s2 = 1.0, 0.5
+    # sigma_1: class 0 on one side of a half-space through x (P = 1/2); the other side split evenly
+    # over classes 1 .. C - 1 (C = 2: class 1 with P = 1/2). sigma_2: always class 1.
+    rest = num_classes - 1
+    edges = [0.0] + [s1 * norm.ppf(0.5 + 0.5 * i / rest) for i in range(1, rest)]
+    members = [(s1, Buckets(edges, list(range(num_classes)), num_classes)), (s2, Constant(1, num_classes))]
     x = torch.zeros(1, 2, 2)
     false = {"uniform": 0, "harmonic": 0}
     for t in range(trials):
         for split in false:
-            r = certify_cascade(members, x, 2, n0, n, alpha, n, generators=gens([s1, s2], idx=t),
-                                alpha_split=split)
+            r = certify_cascade(members, x, num_classes, n0, n, alpha, n,
+                                generators=gens([s1, s2], idx=t), alpha_split=split)
             false[split] += r.radius > 0
+    return {split: count / trials for split, count in false.items()}
+
+
+@pytest.mark.parametrize("num_classes,n0", [(2, 2), (10, 100)])
+def test_cascade_is_sound_where_every_positive_radius_is_false(num_classes, n0):
+    """At sigma_1 the base classifier gives class 0 on a half-space through x, so P(0) = 1/2 and the
+    smoothed classifier at sigma_1 flips under any shift (p0 = 1/2), and the cascade's answer with
+    it; at sigma_2 it always says 1. So every certificate with R > 0 is false, and their rate over
+    independent noise is the cascade's failure rate. A stage-2 certificate is issued exactly when
+    the off-class bound of class 0 at sigma_1 fails (it excludes class 1, the class stage 2 picks),
+    so the case bites on that bound, for two classes and for ten (where the other side of the
+    half-space is spread over nine classes and stage 1 always selects class 0).
+
+    With the default split the rate stays <= alpha; with the harmonic split (Jeong & Shin's
+    alpha / k) it exceeds alpha: a stage-1 certificate (lower bound at alpha) and a stage-2 one
+    (the off-class bound at sigma_1, at alpha / 2 / 2) fail on disjoint events (docs/methods.md).
+    Stage 1 selects class 0 with probability 3/4 at C = 2 (n0 = 2: a 1-1 tie goes to class 0) and
+    almost surely at C = 10 (n0 = 100 draws against nine classes of 1/18 each)."""
+    alpha, trials = 0.2, 20_000
+    rate = _false_certificate_rates(num_classes, trials, alpha, n=500, n0=n0)
     slack = 3 * math.sqrt(alpha * (1 - alpha) / trials)
-    rate = {split: count / trials for split, count in false.items()}
-    print(f"\nfalse-certificate rates at alpha = {alpha}: {rate}")
+    print(f"\nfalse-certificate rates at alpha = {alpha}, C = {num_classes}: {rate}")
     assert rate["uniform"] <= alpha + slack
     assert rate["harmonic"] > alpha + slack
+
+
+# ------------------------------------------------------------------------------ sequential cascades
+
+def _adversarial(num_classes: int):
+    """The members of the case above: at sigma_1 class 0 on a half-space through x, the other side
+    spread over classes 1 .. C - 1; at sigma_2 always class 1."""
+    s1, s2 = 1.0, 0.5
+    rest = num_classes - 1
+    edges = [0.0] + [s1 * norm.ppf(0.5 + 0.5 * i / rest) for i in range(1, rest)]
+    return [(s1, Buckets(edges, list(range(num_classes)), num_classes)), (s2, Constant(1, num_classes))]
+
+
+def _sequential_false_rate(members, num_classes, n0, n, alpha, first, trials, tag):
+    x = torch.zeros(1, 2, 2)
+    false = 0
+    for t in range(trials):
+        r = certify_cascade(members, x, num_classes, n0, n, alpha, n,
+                            generators=[noise_generator(0, tag, s, t) for s, _ in members],
+                            radii=[0.0, 0.25, 0.5], first=first)
+        false += r.radius > 0
+    return false / trials
+
+
+def test_a_sequential_cascade_with_one_look_is_the_fixed_n_cascade():
+    """n_max equal to first: one look, at the stage's level; the same draws, the same answer."""
+    members = [(1.0, Buckets([1.0 * norm.ppf(q) for q in (0.4, 0.75)], [0, 1, 2], 3)), (0.5, Constant(1, 3))]
+    for idx in range(5):
+        fixed = certify_cascade(members, X, 3, N0, N, ALPHA, 500, generators=gens([1.0, 0.5], idx))
+        seq = certify_cascade(members, X, 3, N0, N, ALPHA, 500, generators=gens([1.0, 0.5], idx),
+                              radii=[0.0, 0.25], first=N)
+        assert (seq.prediction, seq.radius, seq.stage, seq.samples) == \
+            (fixed.prediction, fixed.radius, fixed.stage, fixed.samples)
+
+
+def test_a_sequential_cascade_stops_each_stage_early_and_uses_the_split_level():
+    """Top scale confidently goes on (class 0 at 0.3, classes 1 and 2 at 0.35) within a few looks,
+    once its off-class bound settles the cap between the targets 0.25 and 1; the second scale says
+    class 1 always, so it stops once the largest target under the cap is certified."""
+    s1, s2, n = 1.0, 0.5, 100_000
+    members = [(s1, Buckets([s1 * norm.ppf(q) for q in (0.3, 0.65)], [0, 1, 2], 3)), (s2, Constant(1, 3))]
+    r = certify_cascade(members, X, 3, N0, n, ALPHA, 10_000, generators=gens([s1, s2]),
+                        radii=[0.0, 0.25, 1.0])
+    assert (r.prediction, r.stage) == (1, 2)
+    looks = stats.look_schedule(n)
+    level = stats.sequential_levels(len(looks), stage_alpha(ALPHA, 2, 2))
+    assert r.p_a_lower == pytest.approx(stats.lower_confidence_bound(r.count_a, r.count_a, level))
+    assert r.count_a in looks and r.samples < 2 * (N0 + n) // 10
+    assert [s - N0 for s in r.stage_samples][0] in looks and sum(r.stage_samples) == r.samples
+    assert 0.25 <= r.radius < 1.0  # the cap at sigma_1 passes 0.25, not 1
+    # the cap: stage 1's counts at the look it stopped at (replayed look by look on its stream),
+    # every other class's upper bound at the stage-2 level split over the looks, / 2
+    g1 = gens([s1])[0]
+    smooth = Smooth(members[0][1], 3, s1)
+    smooth.sample_counts(X, N0, 10_000, g1)
+    counts, drawn = np.zeros(3, dtype=np.int64), 0
+    for look in looks:
+        if look > r.stage_samples[0] - N0:
+            break
+        counts += smooth.sample_counts(X, look - drawn, 10_000, g1)
+        drawn = look
+    assert drawn == r.stage_samples[0] - N0
+    cap = -stats.radius(s1, stats.max_other_class_upper_bound(counts, 1, level), 0.5)
+    assert r.radius == pytest.approx(min(s2 * norm.ppf(r.p_a_lower), cap))
+
+
+@pytest.mark.parametrize("num_classes,n0", [(2, 2), (10, 100)])
+def test_sequential_cascade_is_sound_where_every_positive_radius_is_false(num_classes, n0):
+    """The fixed-n adversarial cascade, certified sequentially: every bound of a stage at its share
+    of alpha split over the stage's looks. False certificates stay <= alpha."""
+    alpha, trials = 0.2, 2_000
+    rate = _sequential_false_rate(_adversarial(num_classes), num_classes, n0, 500, alpha, 10, trials,
+                                  "cascade-seq")
+    print(f"\nsequential false-certificate rate at alpha = {alpha}, C = {num_classes}: {rate}")
+    assert rate <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / trials)
+
+
+def test_a_sequential_cascade_needs_the_per_look_split(monkeypatch):
+    """The adversarial cascade's first scale alone (K = 1: its whole alpha rests on the one lower
+    bound, so the union bound is nearly tight): with alpha split over the looks the false rate is
+    <= alpha; with every look at the stage's full share (no per-look split) it exceeds alpha."""
+    members = _adversarial(2)[:1]
+    alpha, trials = 0.05, 2_000
+    limit = alpha + 3 * math.sqrt(alpha * (1 - alpha) / trials)
+    rate = _sequential_false_rate(members, 2, 2, 1000, alpha, 1, trials, "cascade-seq-split")
+    monkeypatch.setattr(stats, "sequential_levels", lambda num_looks, level: level)
+    naive = _sequential_false_rate(members, 2, 2, 1000, alpha, 1, trials, "cascade-seq-split")
+    print(f"\nfalse-certificate rates at alpha = {alpha}: split {rate}, every look at the full share {naive}")
+    assert rate <= limit < naive

@@ -218,11 +218,33 @@ def test_sequential_certificates_record_draws_and_match_fixed_n_at_the_targets(d
     assert "×" in (out / "cost.md").read_text()
 
 
-def test_sequential_is_refused_for_cascades(digits_results, stub_models):
-    with pytest.raises(ConfigError, match="not implemented for cascades"):
-        certify_shard(dataset="digits", results=str(digits_results), method="mdds", sigma="cascade",
-                      sigmas=[0.5, 0.25], shard=0, o=CertifyOptions(n0=10, n=60), progress=False,
-                      sequential=True)
+def test_a_cascade_certifies_sequentially_beside_its_fixed_n_certificate(digits_results, stub_models, tmp_path):
+    """`rcm certify --method mdds --sigma cascade --sequential`: the certificate lies in
+    sigma_cascade_sequential, records each image's draws over every stage it reached (at most
+    n0 + n_max per stage, fewer somewhere) and the targets; the report names it
+    mdds_cascade_sequential and gives its saving over the fixed-n cascade."""
+    common = ["certify", "--dataset", "digits", "--results", str(digits_results), "--method", "mdds",
+              "--sigma", "cascade", "--sigmas", "0.5", "0.25", "--n0", "20", "--n", "2000", "--alpha", "0.01",
+              "--batch_size", "500", "--skip", "72", "--device", "cpu"]
+    fixed = paths.certificate(digits_results, "digits", "mdds", "cascade", 0, 1)
+    sequential = paths.certificate(digits_results, "digits", "mdds", "cascade", 0, 1, sequential=True)
+    assert sequential.parent.name == "sigma_cascade_sequential"
+    assert cli(common) == 0
+    fixed_rows = read_certificate(fixed)
+    assert (fixed_rows["samples"] == 2020 * fixed_rows["stage"].replace(0, 2)).all()
+    assert cli(common + ["--sequential", "--radii", "0", "0.25"]) == 0
+    assert read_certificate(fixed).equals(fixed_rows)
+    seq = read_certificate(sequential)
+    assert (seq["sequential"] == 1).all() and (seq["radii"] == "0 0.25").all() and (seq["n"] == 2000).all()
+    reached = seq["stage"].replace(0, 2)
+    assert (seq["samples"] <= 2020 * reached).all() and (seq["samples"] < 2020 * reached).any()
+    out = tmp_path / "report"
+    assert cli(["report", str(fixed), str(sequential), "--out", str(out)]) == 0
+    import pandas as pd
+    cost = pd.read_csv(out / "cost.csv").set_index("name")
+    assert cost.loc["mdds_cascade_sequential", "draws_per_image"] == pytest.approx(seq["samples"].mean())
+    assert cost.loc["mdds_cascade_sequential", "draws_saving"] == pytest.approx(
+        fixed_rows["samples"].mean() / seq["samples"].mean())
 
 
 def test_kill_9_mid_shard_then_rerun_equals_an_uninterrupted_run(digits_results, tmp_path):

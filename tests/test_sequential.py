@@ -28,8 +28,13 @@ def test_schedule_is_geometric_and_fixed_in_advance():
     assert stats.look_schedule(100, 100) == [100] and stats.look_schedule(50, 100) == [50]
     assert stats.look_schedule(5, 1, growth=1.1) == [1, 2, 3, 4, 5]  # always at least one more draw
     looks = stats.look_schedule(100_000)
-    assert len(looks) == 19 and looks[-1] == 100_000
+    assert len(looks) == 18 and looks[-2:] == [65_880, 100_000]  # 98 820 is within 5% of n_max: merged
     assert stats.sequential_levels(len(looks), 0.001) * len(looks) <= 0.001
+    # every look but the last is at least 5% short of n_max; merging only ever drops looks
+    for n_max, first in [(100_000, 100), (3200, 25), (1600, 10), (1000, 100), (20, 1)]:
+        looks = stats.look_schedule(n_max, first)
+        assert all(n_max - n >= 0.05 * n_max for n in looks[:-1]) and looks[-1] == n_max
+        assert looks == sorted(set(looks))
 
 
 def simulate_exceedance(p: float, n_max: int, first: int, alpha: float, trials: int, seed: int,

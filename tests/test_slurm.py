@@ -19,7 +19,7 @@ from test_workflow import REPO, TINY, dry_run, make_copy, overlay, run_env, tail
 
 PROFILE = REPO / "profiles/slurm/config.yaml"
 GPU_RULES = {"train_denoiser", "train_classifier", "finetune_denoiser", "pretrain_rrcm",
-             "finetune_rrcm", "certify", "certify_cascade", "certify_sequential"}
+             "finetune_rrcm", "certify", "certify_cascade", "certify_sequential", "certify_cascade_sequential"}
 CPU_RULES = {"prepare", "prepare_train", "report", "import_classifier", "import_denoiser", "import_rrcm",
              "import_rrcm_classifier"}
 
@@ -97,12 +97,13 @@ def cpu_only_resources() -> dict[str, dict]:
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_tiny_workflow_runs_on_slurm(slurm_cluster, tmp_path):
-    """Every rule of the tiny config as a SLURM job (one sigma, one shard: 15 jobs, to keep the
+    """Every rule of the tiny config as a SLURM job (one sigma, one shard: 17 jobs, to keep the
     test short on two cores), submitted with the resources the profile gives its rule."""
     repo = make_copy(tmp_path / "repo")
+    cascade = {"method": "mdds", "flags": {"sigmas": [0.25], "p0": 0.5}}
     one_of_each = overlay(tmp_path, "one_of_each", {
         "sigmas": [0.25], "shard_ids": [0], "certify": {"shards": 1},
-        "cascades": [{"method": "mdds", "flags": {"sigmas": [0.25], "p0": 0.5}}]})
+        "cascades": [cascade], "sequential_cascades": [cascade]})
     resources = cpu_only_resources()
     args = ["--executor", "slurm", "--profile", "profiles/slurm",
             # no slurmdbd here: no sacct, and no account to charge
@@ -119,7 +120,7 @@ def test_tiny_workflow_runs_on_slurm(slurm_cluster, tmp_path):
     assert (report / "metrics.json").exists() and (report / "certified_accuracy.md").exists()
 
     submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", log)
-    assert len(submitted) == len(re.findall(r"^\s+jobid: \d+$", log, re.M)) - 1 == 15  # all but `all`
+    assert len(submitted) == len(re.findall(r"^\s+jobid: \d+$", log, re.M)) - 1 == 17  # all but `all`
     # what SLURM ran: every rule, one CPU each (--max-threads 1), the rule's memory and time limit
     squeue = subprocess.run(["squeue", "--states=all", "-h", "-o", "%i|%k|%C|%l|%m|%T"],
                             capture_output=True, text=True, check=True).stdout

@@ -88,7 +88,44 @@ def test_predict_follows_binomial_test():
     assert stats.predict_from_counts([0, 5, 49, 46], 0.01) == ABSTAIN
 
 
-def test_max_other_class_bound_is_bonferroni():
+def test_max_other_class_bound_puts_half_of_alpha_on_each_class():
     counts = np.array([10, 700, 250, 40])
     b = stats.max_other_class_upper_bound(counts, exclude=1, alpha=0.03)
-    assert b == pytest.approx(beta.ppf(1 - 0.01, 251, 1000 - 250))
+    assert b == pytest.approx(beta.ppf(1 - 0.015, 251, 1000 - 250))
+    # two classes: the one other class, still at alpha / 2 (which class is excluded may be random)
+    assert stats.max_other_class_upper_bound(np.array([300, 700]), exclude=1, alpha=0.03) == \
+        pytest.approx(beta.ppf(1 - 0.015, 301, 700))
+
+
+def test_max_other_class_bound_holds_at_alpha_whichever_class_is_excluded():
+    """The adversary excludes, after seeing the counts, the class whose exclusion makes the bound
+    fail if any does: the failure rate is still <= alpha, for two classes and for ten. Bonferroni
+    over the C - 1 other classes (alpha / (C - 1) each) fails this at C = 2."""
+    rng = np.random.default_rng(0)
+    alpha, n, trials = 0.1, 200, 5_000
+    limit = alpha + 3 * np.sqrt(alpha * (1 - alpha) / trials)
+    for p in (np.array([0.5, 0.5]), np.array([0.3, 0.3, 0.3] + [0.1 / 7] * 7)):
+        counts = rng.multinomial(n, p, size=trials)
+
+        def fails(bound):
+            return np.mean([any(bound(c, e) < np.max(np.delete(p, e)) for e in range(len(p)))
+                            for c in counts])
+        rate = fails(lambda c, e: stats.max_other_class_upper_bound(c, e, alpha))
+        assert rate <= limit, (len(p), rate)
+        if len(p) == 2:
+            bonferroni = fails(lambda c, e: float(np.max(stats.upper_confidence_bound(
+                np.delete(c, e), n, alpha / (len(p) - 1)))))
+            assert bonferroni > limit, bonferroni
+
+
+def test_oracle_draws_is_the_least_n_whose_bound_at_the_expected_count_reaches_the_target():
+    import math
+
+    # p_A = 1: the bound with all n draws on the class is alpha ** (1 / n)
+    for target in (0.6, 0.9, 0.99):
+        assert stats.oracle_draws(1.0, target, 0.001) == math.ceil(math.log(0.001) / math.log(target))
+    for p, target, alpha in [(0.99, 0.95, 0.001), (0.7, 0.6, 0.01), (0.9, 0.5 + 1e-9, 0.05)]:
+        n = stats.oracle_draws(p, target, alpha)
+        assert stats.lower_confidence_bound(n * p, n, alpha) >= target
+        assert all(stats.lower_confidence_bound(m * p, m, alpha) < target for m in range(1, int(n)))
+    assert stats.oracle_draws(0.6, 0.6, 0.001) == math.inf and stats.oracle_draws(0.5, 0.7, 0.001) == math.inf

@@ -457,6 +457,29 @@ def test_sequential_methods_are_certified_beside_or_instead_of_fixed_n(fresh, tm
                                           "certify_sequential", "report"}
 
 
+def test_a_sequential_method_certifies_its_cascade_sequentially(fresh, tmp_path):
+    """A method of `sequential_methods` with a cascade gets a `sigma_cascade_sequential` certificate
+    per shard, from the cascade's flags with --sequential and the `sequential` section; a cascade
+    whose method is not sequential gets none. The report reads them."""
+    from rcm import paths
+
+    cfg = load_config(fresh / "config/config.yaml")
+    mdds = next(c for c in cfg["cascades"] if c["method"] == "mdds")
+    data = {"sequential_methods": ["mdds"], "sequential_cascades": [mdds]}
+    jobs = dry_run(fresh, "--configfile", overlay(tmp_path, "seq_cascade", data))
+    shards = cfg["certify"]["shards"]
+    seq = {o for j in jobs if j.rule == "certify_cascade_sequential" for o in j.outputs}
+    assert seq == {str(paths.certificate("results", "digits", "mdds", "cascade", k, shards, sequential=True))
+                   for k in range(shards)}
+    for job in jobs:
+        if job.rule == "certify_cascade_sequential":
+            args = parse_rcm(rcm_tokens(job.shell))
+            assert args.sequential and args.sigma == "cascade" and args.sigmas == mdds["flags"]["sigmas"]
+            assert args.radii == cfg["sequential"]["radii"]
+    (report,) = [j for j in jobs if j.rule == "report"]
+    assert seq <= set(report.inputs)
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_command_parses_with_the_stage_flags(tmp_path, config):
     """Each job's command parses with `rcm`'s own parser, and every flag comes back as the config
@@ -539,6 +562,8 @@ BAD_CONFIGS = {
     "cascade over an unknown sigma": ({"cascades": [{"method": "mdds", "flags": {"sigmas": [2.0], "p0": 0.5}}]},
                                       "cascades.0.flags.sigmas"),
     "cascade of a method not run": ({"methods": ["gaussian"]}, "cascades.0.method: 'mdds' is not in methods"),
+    "sequential cascades that are not those of sequential_methods": (
+        {"sequential_methods": ["gaussian"]}, "sequential_cascades: must be the cascades of sequential_methods"),
     "nothing to certify": ({"methods": [], "cascades": [], "sequential_methods": []},
                            "methods: empty, and so is sequential_methods"),
     "negative sequential radius": ({"sequential": {"radii": [-0.5]}}, "sequential.radii.0"),
@@ -699,11 +724,12 @@ def test_tiny_run_makes_every_output(tiny_run):
     assert {p.name for p in report.iterdir() if not p.name.startswith(".")} == REPORT_FILES  # DVC adds .gitignore
     sources = (report / "sources.txt").read_text()
     shards = sorted((repo / TINY / cfg["dataset"] / "certify").rglob("shard_*.tsv"))
-    per_shard = (len(cfg["methods"]) + len(cfg["sequential_methods"])) * len(cfg["sigmas"]) + len(cfg["cascades"])
+    per_shard = ((len(cfg["methods"]) + len(cfg["sequential_methods"])) * len(cfg["sigmas"]) + len(cfg["cascades"])
+                 + len(cfg["sequential_cascades"]))
     assert len(shards) == per_shard * cfg["certify"]["shards"]
     assert all(str(p.relative_to(repo)) in sources for p in shards)
     metrics = json.loads((report / "metrics.json").read_text())
-    assert metrics
+    assert {f"{c['method']}_cascade_sequential" for c in cfg["sequential_cascades"]} <= set(metrics)
     # one benchmark table per job; the totals per rule go into docs/workflow.md
     per_rule = {}
     for table in sorted((repo / TINY / "digits/benchmarks").glob("*.tsv")):
@@ -769,11 +795,12 @@ def test_added_sigma_runs_only_its_jobs(tiny_run, tmp_path):
                                       "report"}
     new = [o for j in jobs if j.rule != "report" for o in j.outputs]
     assert all("sigma_1.0" in o for o in new), new
-    assert len([o for o in new if "/certify/" in o]) == (4 + 1) * 2  # four methods and sequential gaussian, two shards
+    # four methods, and sequential gaussian and mdds, two shards (the cascade's scales are unchanged)
+    assert len([o for o in new if "/certify/" in o]) == (4 + 2) * 2
     changed = dvc_changed(repo)
     assert changed == {"train-classifier@1.0", "finetune-rrcm@1.0"} | {
         f"certify-{m}@1.0-{k}" for m in ("gaussian", "dds", "mdds", "rrcm") for k in (0, 1)} | {
-        f"certify-sequential@gaussian-1.0-{k}" for k in (0, 1)}
+        f"certify-sequential@{m}-1.0-{k}" for m in ("gaussian", "mdds") for k in (0, 1)}
 
 
 @pytest.mark.slow
@@ -781,17 +808,19 @@ def test_changed_certify_n_reruns_certification_not_training(tiny_run, tmp_path)
     repo = clone(tiny_run.path, tmp_path / "repo")
     _edit_config(repo, lambda c: c["certify"].update(n=60))
     jobs = dry_run(repo)
-    assert {j.rule for j in jobs} == {"certify", "certify_cascade", "certify_sequential", "report"}
-    assert len(jobs) == 16 + 2 + 4 + 1
+    assert {j.rule for j in jobs} == {"certify", "certify_cascade", "certify_sequential",
+                                      "certify_cascade_sequential", "report"}
+    assert len(jobs) == 16 + 2 + 8 + 2 + 1
     changed = dvc_changed(repo)
-    assert changed and all(name.startswith("certify-") for name in changed) and len(changed) == 22
+    assert changed and all(name.startswith("certify-") for name in changed) and len(changed) == 28
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("module, rules, certified, stages", [
     ("rcm/train/rrcm_finetune.py", {"finetune_rrcm", "certify", "report"}, {"rrcm"},
      {"finetune-rrcm@0.25", "finetune-rrcm@0.5"}),
-    ("rcm/train/mdds.py", {"finetune_denoiser", "certify", "certify_cascade", "report"}, {"mdds"},
+    ("rcm/train/mdds.py", {"finetune_denoiser", "certify", "certify_cascade", "certify_sequential",
+                           "certify_cascade_sequential", "report"}, {"mdds"},
      {"finetune-denoiser"}),
     ("rcm/report/tables.py", {"report"}, set(), {"report"}),
 ])
@@ -914,16 +943,18 @@ def test_config_overrides_rerun_only_what_depends_on_them(tiny_run):
     """`--config` is how a user reruns one setting: n changes certification and the report only; a
     smaller sigma grid (and no cascade) leaves only the report to redo, over fewer certificates."""
     jobs = dry_run(tiny_run.path, "--config", 'certify={"n": 100}')
-    assert {j.rule for j in jobs} == {"certify", "certify_cascade", "certify_sequential", "report"}
-    assert len(jobs) == 16 + 2 + 4 + 1
+    assert {j.rule for j in jobs} == {"certify", "certify_cascade", "certify_sequential",
+                                      "certify_cascade_sequential", "report"}
+    assert len(jobs) == 16 + 2 + 8 + 2 + 1
     assert all(vars(parse_rcm(rcm_tokens(j.shell)))["n"] == 100 for j in jobs if j.rule.startswith("certify"))
-    jobs = dry_run(tiny_run.path, "--config", "sigmas=[0.25]", "cascades=[]")
+    jobs = dry_run(tiny_run.path, "--config", "sigmas=[0.25]", "cascades=[]", "sequential_cascades=[]")
     assert [j.rule for j in jobs] == ["report"]
     certificates = [f for f in jobs[0].inputs if f.endswith(".tsv")]
-    assert len(certificates) == (4 + 1) * 2 and all("/sigma_0.25" in f for f in certificates)
+    assert len(certificates) == (4 + 2) * 2 and all("/sigma_0.25" in f for f in certificates)
     # a data key reprepares only the part that reads it: the test split's `skip` retrains nothing...
     jobs = dry_run(tiny_run.path, "--config", 'data={"skip": 2}')
-    assert {j.rule for j in jobs} == {"prepare", "certify", "certify_cascade", "certify_sequential", "report"}
+    assert {j.rule for j in jobs} == {"prepare", "certify", "certify_cascade", "certify_sequential",
+                                      "certify_cascade_sequential", "report"}
     # ...and the training splits' `val_fraction` trains again, on the same test split
     rules = {j.rule for j in dry_run(tiny_run.path, "--config", 'data={"val_fraction": 0.2}')}
     assert "prepare_train" in rules and "train_classifier" in rules and "prepare" not in rules
@@ -939,8 +970,9 @@ def test_dvc_plots_draw_a_curve_per_entry(tiny_run):
     series = {row["name"] for row in content["data"]["values"]}
     tidy = pd.read_csv(tiny_run.path / f"{TINY}/digits/report/certified_accuracy.csv")
     assert series == set(tidy[tidy.kind != "envelope"].name)
-    assert len(series) == (4 + 1) * 2 + 1  # four methods and sequential gaussian at two sigmas, the mdds cascade
-    assert {"gaussian_sigma_0.25_sequential", "gaussian_sigma_0.5_sequential"} <= series
+    # four methods and sequential gaussian and mdds at two sigmas, the mdds cascade fixed-n and sequential
+    assert len(series) == (4 + 2) * 2 + 2
+    assert {"gaussian_sigma_0.25_sequential", "gaussian_sigma_0.5_sequential", "mdds_cascade_sequential"} <= series
 
 
 @pytest.mark.slow

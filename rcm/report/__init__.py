@@ -7,10 +7,13 @@ and writes into one folder:
                                   two-sided 95% Clopper-Pearson interval ci_low, ci_high
     certified_accuracy.md / .tex  rows = entries, columns = radii (accuracy and interval), ACR,
                                   abstention rate, the best single entry per column in bold; the
-                                  per-method oracle envelopes apart; which best-per-radius claims an
-                                  exact McNemar test supports
+                                  per-method oracle envelopes apart; per radius, whether the best
+                                  entry beats every other one (intersection-union of exact McNemar
+                                  tests), the planned comparisons (unadjusted) and the pairs that
+                                  differ after Holm's adjustment
     paired_tests.csv              every pair of entries on the same images, every radius: a_only,
-                                  b_only, exact McNemar p_value
+                                  b_only, exact McNemar p_value, p_holm (Holm over the pairs at that
+                                  radius), planned (declared in report.planned)
     certified_accuracy.png        certified accuracy vs radius, a step curve per entry (baselines dashed)
     plot_certified_accuracy.csv   the plotted curves, long (name, radius, certified_accuracy): one
                                   series per entry in `dvc plots` (dvc.yaml colours by name)
@@ -44,13 +47,15 @@ from rcm.options import add_options, from_args, option
 from rcm.report.entries import Entry, distinct_labels, entry_name, file_label, load_entries, parse_baseline
 from rcm.report.plot import curve_grid, line_styles, long_curves, plot, plot_data
 from rcm.report.render import cost_markdown, sources, to_latex, to_markdown
-from rcm.report.significance import best_claims, clopper_pearson, paired_tests
+from rcm.report.significance import (best_claims, clopper_pearson, holm, holm_lines, paired_tests,
+                                     parse_planned, planned_lines)
 from rcm.report.tables import (abstain_rate, average_certified_radius, certified_accuracy, cost,
                                guarantee_warnings, metrics, summary, tidy)
 
 # the package's interface: rcm.report.X for everything the stage computes and renders
 __all__ = ["DEFAULT_RADII", "Entry", "ReportOptions", "abstain_rate", "average_certified_radius",
-           "best_claims", "certified_accuracy", "clopper_pearson", "guarantee_warnings", "paired_tests", "cost", "cost_markdown", "curve_grid", "distinct_labels", "entry_name",
+           "best_claims", "certified_accuracy", "clopper_pearson", "holm", "holm_lines", "parse_planned",
+           "planned_lines", "guarantee_warnings", "paired_tests", "cost", "cost_markdown", "curve_grid", "distinct_labels", "entry_name",
            "file_label", "line_styles", "load_entries", "long_curves", "metrics", "parse_baseline", "plot",
            "plot_data", "sources", "summary", "tidy", "to_latex", "to_markdown", "write_report"]
 
@@ -62,27 +67,42 @@ class ReportOptions:
     radii: list[float] = option(DEFAULT_RADII, "radii (L2, [0, 1] pixel units) of the table columns")
     baselines: list[str] = option([], "published or other reference certificates, drawn dashed beside "
                                       "the methods: NAME=FILE, or FILE to name it after the file")
+    planned: list[str] = option([], "comparisons declared before the run, A:B entry names (e.g. "
+                                    "mdds_sigma_0.5:dds_sigma_0.5): reported with unadjusted p-values")
 
 def _csv(frame: pd.DataFrame) -> str:
     return frame.to_csv(index=False, lineterminator="\n")
 
 
-def write_report(entries: Sequence[Entry], radii: Sequence[float], out: str | Path) -> pd.DataFrame:
-    """Write every report file into ``out``; returns the summary table."""
+def write_report(entries: Sequence[Entry], radii: Sequence[float], out: str | Path,
+                 planned: Sequence[str] = ()) -> pd.DataFrame:
+    """Write every report file into ``out``; returns the summary table. ``planned``: 'A:B' pairs of
+    entry names declared before the run, tested without adjustment."""
     if not entries:
         raise CertificateError("no certificate files to report on")
+    try:
+        pairs = parse_planned(planned)
+    except ValueError as exc:
+        raise CertificateError(str(exc)) from None
+    names = {e.name for e in entries}
+    unknown = sorted({n for pair in pairs for n in pair} - names)
+    if unknown:
+        raise CertificateError(f"report.planned names {', '.join(unknown)}, not an entry of this report "
+                               f"(entries: {', '.join(e.name for e in entries)})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     radii = [float(r) for r in radii]
     table = summary(entries, radii)
 
     write_text(out / "certified_accuracy.csv", _csv(tidy(table, radii)))
-    paired = paired_tests(entries, radii)
+    paired = paired_tests(entries, radii, pairs)
     write_text(out / "paired_tests.csv", _csv(paired))
     warnings = guarantee_warnings(entries)
     for line in warnings:
         print(f"rcm report: warning: {line}", file=sys.stderr)
-    write_text(out / "certified_accuracy.md", to_markdown(table, radii, best_claims(table, paired, radii), warnings))
+    write_text(out / "certified_accuracy.md",
+               to_markdown(table, radii, best_claims(table, paired, radii), warnings,
+                           planned_lines(paired, pairs, radii), holm_lines(paired, radii)))
     write_text(out / "certified_accuracy.tex", to_latex(table, radii))
     write_text(out / "metrics.json", json.dumps(metrics(table, radii), indent=2) + "\n")
     curves = plot_data(entries, curve_grid(entries, radii))
@@ -112,6 +132,6 @@ def main(args: argparse.Namespace) -> None:
     baselines = [parse_baseline(item) for item in opts.baselines]
     entries = load_entries(args.files, [path for _, path in baselines], args.names,
                            [name for name, _ in baselines])
-    write_report(entries, opts.radii, args.out)
+    write_report(entries, opts.radii, args.out, opts.planned)
     print((Path(args.out) / "certified_accuracy.md").read_text(), end="")
     print(f"report written to {args.out}")

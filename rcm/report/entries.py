@@ -60,7 +60,7 @@ def _entry_key(path: Path) -> tuple[str, str | None, float | str | None, int | N
             sigma = _parse_sigma(folder[len("sigma_"):])
         except ValueError:
             sigma = None
-        if sigma is not None and not (sequential and sigma == CASCADE):
+        if sigma is not None:
             method = path.parent.parent.name
             return (f"{path.parent.resolve()}|{shard.group(2)}", method, sigma, int(shard.group(2)),
                     sequential)
@@ -98,7 +98,7 @@ def entry_name(method: str | None, sigma: float | str | None, path: Path, sequen
     if method is None:
         return file_label(path)
     if sigma == CASCADE:
-        return f"{method}_{CASCADE}"
+        return f"{method}_{CASCADE}" + (f"_{SEQUENTIAL}" if sequential else "")
     return f"{method}_sigma_{fmt_sigma(sigma)}" + (f"_{SEQUENTIAL}" if sequential else "")
 
 

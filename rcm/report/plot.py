@@ -45,7 +45,7 @@ _METHOD_COLOURS = ("Blues", "Oranges", "Greens", "Purples", "Reds", "YlOrBr", "P
 def line_styles(entries: Sequence[Entry]) -> dict[str, dict]:
     """Matplotlib style per entry name: one colour family per method, darker for larger sigma, a
     sequential entry dotted in its fixed-n twin's shade, the cascade dash-dotted in the method's
-    darkest shade; baselines dashed grey; other files from the default colour cycle."""
+    darkest shade (its sequential twin dotted in that shade); baselines dashed grey; other files from the default colour cycle."""
     from matplotlib import colormaps
 
     methods = list(OrderedDict.fromkeys(e.method for e in entries if e.method and not e.baseline))
@@ -65,7 +65,7 @@ def line_styles(entries: Sequence[Entry]) -> dict[str, dict]:
                 shade = 0.45 + 0.45 * same.index(e.sigma) / max(len(same) - 1, 1)
                 styles[e.name] = dict(color=cmap(shade), linestyle=":" if e.sequential else "-")
             else:  # cascade
-                styles[e.name] = dict(color=cmap(1.0), linestyle="-.")
+                styles[e.name] = dict(color=cmap(1.0), linestyle=":" if e.sequential else "-.")
     return styles
 
 

@@ -45,9 +45,11 @@ def _split(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return table[~envelope], table[envelope]
 
 
-def to_markdown(table: pd.DataFrame, radii, claims: Sequence[str] = (), warnings: Sequence[str] = ()) -> str:
-    """The certified-accuracy table; the oracle envelopes in a table of their own; which best-per-
-    radius claims a paired test supports (``claims``); warnings about weaker guarantees."""
+def to_markdown(table: pd.DataFrame, radii, claims: Sequence[str] = (), warnings: Sequence[str] = (),
+                planned: Sequence[str] = (), holm: Sequence[str] = ()) -> str:
+    """The certified-accuracy table; the oracle envelopes in a table of their own; whether each
+    radius's best entry is shown best (``claims``); the planned comparisons (unadjusted) and the
+    pairs that differ after Holm's adjustment; warnings about weaker guarantees."""
     single, oracle = _split(table)
     header, body = _formatted(table, radii, lambda t: f"**{t}**")
     rows = dict(zip(table["name"], body))
@@ -63,9 +65,18 @@ def to_markdown(table: pd.DataFrame, radii, claims: Sequence[str] = (), warnings
                   "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(rows[name]) + " |" for name in oracle["name"]]
     if claims:
-        lines += ["", "Best per radius against the runner-up, paired on the same images (exact McNemar "
-                  "test, `paired_tests.csv`; not corrected for the number of radii):", ""]
+        lines += ["", "Best per radius: the bold entry is called best only if it certifies more images "
+                  "than every other entry, each paired on the same images with an exact McNemar p below "
+                  "5% (an intersection–union test, which needs no correction within a radius; not "
+                  "corrected for the number of radii; `paired_tests.csv`):", ""]
         lines += [f"- {claim}" for claim in claims]
+    if planned:
+        lines += ["", "Planned comparisons (`report.planned`, declared before the run; unadjusted):", ""]
+        lines += [f"- {line}" for line in planned]
+    if holm:
+        lines += ["", "Pairs that differ after Holm's adjustment over all pairs at the same radius "
+                  "(`p_holm` in `paired_tests.csv`, below 5%):", ""]
+        lines += [f"- {line}" for line in holm]
     if warnings:
         lines += ["", "**Warning**: weaker guarantee than α:", ""] + [f"- {w}" for w in warnings]
     return "\n".join(lines) + "\n"
@@ -110,7 +121,8 @@ def cost_markdown(table: pd.DataFrame) -> str:
     note = ("\nSeconds come from each certificate's `time` column (measured on the machine that "
             "certified it; published logs ran elsewhere). FLOPs only where the certificate has a "
             "`flops` column. Sequential entries (`*_sequential`) stop each image's sampling early; "
-            "their saving is n0 + n_max over their mean draws per image. `amp` is the precision the "
+            "their saving is their fixed-n twin's mean draws per image (n0 + n for one σ; for a cascade, "
+            "n0 + n per stage it reached) over theirs. `amp` is the precision the "
             "base classifier ran in (off: float32; published logs: off).\n")
     return "\n".join(lines) + "\n" + note
 

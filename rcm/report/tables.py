@@ -138,8 +138,16 @@ def metrics(table: pd.DataFrame, radii) -> dict:
 def cost(entries: Sequence[Entry]) -> pd.DataFrame:
     """Per entry: mean seconds and FLOPs per certified image (FLOPs from a 'flops' column, else empty),
     noise samples per second where the certificate records n0 and n, and the base classifier's
-    precision from an 'amp' column ('off' where a certificate has none: float32)."""
+    precision from an 'amp' column ('off' where a certificate has none: float32). A sequential
+    entry's saving is over its fixed-n twin's mean draws (same method and sigma) where the report
+    has one, else over n0 + n_max (what a fixed-n single-sigma certificate draws; a cascade
+    without its twin has no saving: its fixed-n draws depend on the stages each image reaches)."""
     rows = []
+    fixed_draws = {}
+    for e in entries:
+        f = e.frame
+        if not e.sequential and e.method is not None and "samples" in f.columns and f["samples"].notna().all():
+            fixed_draws[(e.method, fmt_sigma(e.sigma) if e.sigma is not None else None)] = float(f["samples"].mean())
     for e in entries:
         f = e.frame
         flops = f["flops"].mean() if "flops" in f.columns and f["flops"].notna().any() else math.nan
@@ -150,9 +158,13 @@ def cost(entries: Sequence[Entry]) -> pd.DataFrame:
             samples = float(drawn.sum() / f["time"].sum())
         mean_draws = float(drawn.mean()) if drawn is not None else math.nan
         # a sequential certificate's n is its n_max: the fixed-n run it replaces draws n0 + n
-        saving = (float((f["n0"] + f["n"]).mean()) / mean_draws
-                  if "sequential" in f.columns and {"n0", "n"} <= set(f.columns) and mean_draws > 0
-                  else math.nan)
+        twin = fixed_draws.get((e.method, fmt_sigma(e.sigma) if e.sigma is not None else None))
+        saving = math.nan
+        if "sequential" in f.columns and mean_draws > 0:
+            if twin is not None:
+                saving = twin / mean_draws
+            elif {"n0", "n"} <= set(f.columns) and "stage" not in f.columns:
+                saving = float((f["n0"] + f["n"]).mean()) / mean_draws
         amp = (" ".join(sorted(set(f["amp"].fillna("off").astype(str)))) if "amp" in f.columns else "off")
         rows.append({"name": e.name, "method": e.method, "amp": amp,
                      "sigma": None if e.sigma is None else fmt_sigma(e.sigma),

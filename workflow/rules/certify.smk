@@ -1,5 +1,6 @@
 # One job per certificate shard: (method, sigma, shard), (cascade, shard) per configured cascade, and
-# (method, sigma, shard) again for each of `sequential_methods`, certified with early stopping.
+# (method, sigma, shard) and (cascade, shard) again for each of `sequential_methods` and its
+# cascade, certified with early stopping.
 
 
 rule certify:
@@ -78,3 +79,31 @@ rule certify_sequential:
         "{LAUNCH[certify]} --threads {threads} certify --dataset {params.dataset} --results {params.results}"
         " --method {wildcards.method} --sigma {wildcards.sigma} --shard {wildcards.shard}"
         " {params.flags} --sequential {params.sequential} > {log} 2>&1"
+
+
+rule certify_cascade_sequential:
+    input:
+        test=str(paths.prepared(R, D, "test")),
+        models=cascade_models,
+        code=CODE["certify_cascade"],
+    output:
+        str(paths.certificate(R, D, "{method}", paths.CASCADE, "{shard}", SHARDS, sequential=True)),
+    wildcard_constraints:
+        method="|".join(SEQUENTIAL_CASCADES) or "(?!)",  # only the cascades of sequential_methods
+    params:
+        dataset=D,
+        results=R,
+        flags=flags(config["certify"]),
+        cascade=lambda wildcards: flags(CASCADES[wildcards.method]["flags"]),
+        sequential=flags(config["sequential"]),
+    log:
+        log("certify", "{method}/cascade_sequential/shard_{shard}"),
+    benchmark:
+        bench("certify", "{method}.cascade_sequential.shard_{shard}")
+    threads: 1
+    resources:
+        **gpu_resources("certify"),
+    shell:
+        "{LAUNCH[certify]} --threads {threads} certify --dataset {params.dataset} --results {params.results}"
+        " --method {wildcards.method} --sigma cascade --shard {wildcards.shard}"
+        " {params.flags} {params.cascade} --sequential {params.sequential} > {log} 2>&1"

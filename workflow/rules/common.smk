@@ -84,6 +84,11 @@ def _semantic_errors(cfg: dict) -> list[str]:
             lines.append(f"cascades.{i}.flags.sigmas: {missing} not in sigmas {cfg['sigmas']} "
                          "(the per-sigma models of a cascade are those of `sigmas`)")
     lines += _device_errors(cfg)
+    wanted = [c for c in cfg["cascades"] if c["method"] in cfg["sequential_methods"]]
+    if cfg["sequential_cascades"] != wanted:
+        lines.append("sequential_cascades: must be the cascades of sequential_methods, exactly as `cascades` "
+                     f"lists them (YAML aliases of those entries; dvc.yaml iterates over it): {wanted}, "
+                     f"got {cfg['sequential_cascades']}")
     lines += _noisy_errors(cfg)
     lines += _path_errors(cfg)
     return lines
@@ -296,6 +301,7 @@ SIGMAS = [paths.fmt_sigma(s) for s in config["sigmas"]]
 SHARDS = config["certify"]["shards"]
 CASCADES = {c["method"]: c for c in config["cascades"]}
 SEQUENTIAL_METHODS = config["sequential_methods"]
+SEQUENTIAL_CASCADES = [m for m in CASCADES if m in SEQUENTIAL_METHODS]  # = config["sequential_cascades"] (checked)
 BASELINE_FILES = [str(parse_baseline(item)[1]) for item in config["report"]["baselines"]]
 # the models imported instead of trained: sigma text -> source (classifiers), or the source (others)
 IMPORTED_CLASSIFIERS = {
@@ -481,13 +487,15 @@ def cascade_models(wildcards) -> list[str]:
 
 def certificates() -> list[str]:
     """Every certificate shard of the configured methods, sigmas and cascades, and the sequential
-    ones of `sequential_methods`."""
+    ones of `sequential_methods`, their cascades included."""
     files = [str(paths.certificate(R, D, m, s, k, SHARDS))
              for m in config["methods"] for s in SIGMAS for k in range(SHARDS)]
     files += [str(paths.certificate(R, D, m, s, k, SHARDS, sequential=True))
               for m in SEQUENTIAL_METHODS for s in SIGMAS for k in range(SHARDS)]
     files += [str(paths.certificate(R, D, m, paths.CASCADE, k, SHARDS))
               for m in CASCADES for k in range(SHARDS)]
+    files += [str(paths.certificate(R, D, m, paths.CASCADE, k, SHARDS, sequential=True))
+              for m in SEQUENTIAL_CASCADES for k in range(SHARDS)]
     return files
 
 
