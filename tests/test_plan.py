@@ -1,0 +1,164 @@
+"""rcm plan: the JSON interface, its memory estimates against measured steps, and the presets' fit."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rcm import plan, presets
+from rcm.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT = [str(ROOT / "config/config.yaml")]
+PRESETS = [["config/cifar10.yaml"], ["config/cifar10.yaml", "config/cifar10-dds.yaml"],
+           ["config/cifar10.yaml", "config/cifar10-cohen.yaml"], ["config/imagenet.yaml"],
+           ["config/imagenet.yaml", "config/imagenet-dds.yaml"]]
+RULE_FIELDS = {"rule", "method", "sigma", "jobs", "flops", "peak_memory_gb", "device_hours", "fits"}
+
+
+def small_cfg() -> dict:
+    """The default (digits) config: every stage at the scale the default run trains and certifies."""
+    return presets.load_config(DEFAULT)
+
+
+# ----------------------------------------------------------------------------------- the interface
+
+def test_json_has_the_documented_fields():
+    r = subprocess.run([sys.executable, "-m", "rcm", "plan", "--config", *DEFAULT, "--device", "h100-80gb",
+                        "--format", "json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(r.stdout)
+    assert {"device", "config", "rules", "total_device_hours"} <= set(data)
+    assert data["device"] == "h100-80gb" and data["config"] == DEFAULT
+    rules = {row["rule"] for row in data["rules"]}
+    assert {"train_classifier", "train_denoiser", "finetune_denoiser", "pretrain_rrcm", "finetune_rrcm",
+            "certify", "certify_cascade"} <= rules
+    for row in data["rules"]:
+        assert RULE_FIELDS <= set(row), row
+        assert isinstance(row["fits"], bool) and row["jobs"] >= 1 and row["flops"] > 0
+        if row["rule"].startswith("certify"):
+            assert {"seconds_per_image", "n0", "n"} <= set(row)
+            assert (row["n0"], row["n"]) == (100, 1000)
+    assert data["total_device_hours"] == pytest.approx(sum(row["device_hours"] for row in data["rules"]))
+    # the certification FLOPs per image are those the default run's certificates record (docs/benchmarks.md)
+    gauss = next(row for row in data["rules"] if row["rule"] == "certify" and row["method"] == "gaussian")
+    assert gauss["flops_per_image"] == pytest.approx(1100 * 1.068e6, rel=0.01)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "tpu-v9"], "unknown device 'tpu-v9'"),
+    (["--rule", "train_everything"], "no rule 'train_everything'"),
+])
+def test_bad_arguments_are_one_line_errors(args, message):
+    r = subprocess.run([sys.executable, "-m", "rcm", "plan", "--config", *DEFAULT, *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_config_that_does_not_validate_is_one_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("certify:\n  n: many\n")
+    with pytest.raises(ConfigError, match=r"certify.n: 'many' is not of type 'integer'"):
+        plan.make_plan([*DEFAULT, str(bad)], "a100-80gb")
+
+
+def test_calibration_constant_is_the_published_cifar10_figure():
+    """The one GPU fraction rcm.plan_devices states is what the CIFAR-10 DDS figure (121 s) calibrates."""
+    from rcm.plan_devices import A100_TF32_FRACTION
+
+    got = plan.calibrate_fraction(["config/cifar10.yaml", "config/cifar10-dds.yaml"], "a100-80gb", "tf32",
+                                  "dds", 121.0)
+    assert got == pytest.approx(A100_TF32_FRACTION, rel=0.01)
+
+
+# ----------------------------------------------------------------------------------- memory: planned vs measured
+
+def _options(cls, section: dict, **changes):
+    return presets._options(cls, {**section, **changes})
+
+
+def _train_two_steps(run):
+    from rcm.train.loop import train
+
+    run.steps, run.eval_fn, run.checkpoint_every = 2, None, 1000
+    return lambda: train(run)
+
+
+def _measured_training(section: str, results: Path, cfg: dict) -> int:
+    from rcm.data import load_split
+    from rcm import paths
+
+    sec = cfg[section]
+    if section == "classifier":
+        from rcm.train.classifier import ClassifierOptions, make_run
+
+        run = make_run(_options(ClassifierOptions, sec, steps=2), "digits", str(results), 0.25)
+        return plan.measured_peak(_train_two_steps(run), run.model)
+    if section == "denoiser":
+        from rcm.train.denoiser import DenoiserOptions, make_run
+
+        run = make_run(_options(DenoiserOptions, sec, steps=2, pretrained=""), "digits", str(results))
+        return plan.measured_peak(_train_two_steps(run), run.model, run.ema)
+    if section == "finetune_denoiser":
+        from rcm.models import load_model
+        from rcm.train.classifier import ClassifierOptions
+        from rcm.train.classifier import make_run as classifier_run
+        from rcm.train.denoiser import DenoiserOptions
+        from rcm.train.denoiser import make_run as denoiser_run
+        from rcm.train.loop import train
+        from rcm.train.mdds import FinetuneDenoiserOptions, make_run
+
+        for r in (denoiser_run(_options(DenoiserOptions, cfg["denoiser"], steps=1, pretrained=""), "digits",
+                               str(results)),
+                  classifier_run(_options(ClassifierOptions, cfg["classifier"], steps=1), "digits", str(results), 0.0)):
+            r.eval_fn = None
+            train(r)
+        run = make_run(_options(FinetuneDenoiserOptions, sec, steps=2), "digits", str(results))
+        frozen, _ = load_model(paths.classifier(results, "digits", 0.0), kind="classifier")
+        return plan.measured_peak(_train_two_steps(run), run.model, frozen)
+    train_split = load_split(paths.prepared(results, "digits", "train"))
+    if section == "rrcm_pretrain":
+        from rcm.train.rrcm_pretrain import PretrainOptions, build_run
+
+        run = build_run(_options(PretrainOptions, sec, steps=2), train_split, None, results / "pre.pt")
+        return plan.measured_peak(_train_two_steps(run), run.model, run.ema)
+    from rcm.train.loop import train
+    from rcm.train.rrcm_finetune import FinetuneOptions, build_run
+    from rcm.train.rrcm_pretrain import PretrainOptions
+    from rcm.train.rrcm_pretrain import build_run as pretrain_run
+
+    pre = pretrain_run(_options(PretrainOptions, cfg["rrcm_pretrain"], steps=1), train_split, None,
+                       results / "pre.pt")
+    train(pre)
+    run = build_run(_options(FinetuneOptions, sec, steps=2), 0.25, results / "pre.pt", train_split, None,
+                    results / "fine.pt")
+    return plan.measured_peak(_train_two_steps(run), run.model)
+
+
+@pytest.mark.parametrize("section", plan.SECTIONS)
+def test_training_peak_is_within_25_percent_of_a_measured_step(section, digits_results):
+    """The plan's peak (meta device, the estimator used at every scale) against two real optimiser steps
+    of the stage itself (rcm.train.loop.train on the CPU), counted as live tensor storage."""
+    cfg = small_cfg()
+    est = plan.training_estimate(plan.stage_setup(cfg, section, 0.25), plan.per_device_batch(cfg, section), "off")
+    measured = _measured_training(section, digits_results, cfg)
+    assert est.peak == pytest.approx(measured, rel=0.25), (est.parts, measured)
+
+
+@pytest.mark.parametrize("method", ["gaussian", "dds", "rrcm"])
+def test_certification_peak_is_within_25_percent_of_a_measured_batch(method):
+    from rcm.smoothing import Smooth
+
+    cfg = small_cfg()
+    batch = cfg["certify"]["batch_size"]
+    est = plan.certify_estimate(plan.certified_network(cfg, method, 0.5), (1, 8, 8), batch, "off")
+    model, _ = presets.base_classifier(cfg, method, 0.5)
+    smooth = Smooth(model, 10, 0.5)
+    x = torch.rand(1, 8, 8)
+    measured = plan.measured_peak(lambda: smooth.sample_counts(x, batch, batch, torch.Generator().manual_seed(0)),
+                                  model)
+    assert est.peak == pytest.approx(measured, rel=0.25), (est.parts, measured)
