@@ -59,14 +59,15 @@ TYPICAL_CASCADE_STAGE_FRACTION = 1.66 / 3
 class Trace(TorchDispatchMode):
     """Live tensor bytes (peak), and per operator its FLOPs, bytes moved and whether it ran in half."""
 
-    def __init__(self):
+    def __init__(self, amp: torch.dtype | None = None):
         super().__init__()
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.amp = amp
+        self.live: dict[int, tuple[StorageWeakRef, int, bool]] = {}  # storage -> (ref, bytes, half)
         self.current = self.peak = 0
         self.ops: list[tuple[float, int, bool]] = []
 
     def _collect(self) -> None:
-        dead = [k for k, (ref, _) in self.live.items() if ref.expired()]
+        dead = [k for k, (ref, _, _) in self.live.items() if ref.expired()]
         for k in dead:
             self.current -= self.live.pop(k)[1]
 
@@ -85,26 +86,51 @@ class Trace(TorchDispatchMode):
                 return out
         out = func(*args, **kwargs)
         self._collect()
+        ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        packet = func._overloadpacket
+        half_out = self.amp is not None and (
+            packet in _AUTOCAST_HALF or (packet not in _AUTOCAST_FP32 and any(
+                self._half(t) for t in ins if t.is_floating_point()) and all(
+                self._half(t) for t in ins if t.is_floating_point() and t.numel() > 1)))
         for t in outs:
             storage = t.untyped_storage()
             ref = StorageWeakRef(storage)
             if ref.cdata not in self.live:
-                self.live[ref.cdata] = (ref, storage.nbytes())
-                self.current += storage.nbytes()
+                half = half_out and t.is_floating_point()
+                size = storage.nbytes() // 2 if half else storage.nbytes()
+                self.live[ref.cdata] = (ref, size, half)
+                self.current += size
         self.peak = max(self.peak, self.current)
         if not getattr(func, "is_view", False) and outs:
-            ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-            moved = sum(t.numel() * t.element_size() for t in ins + outs)
-            packet = func._overloadpacket
+            moved = sum(t.numel() * (2 if self._half(t) else t.element_size()) for t in ins + outs)
             flops = flop_registry[packet](*args, **kwargs, out_val=out) if packet in flop_registry else 0
-            half = any(t.dtype in HALF for t in ins if t.is_floating_point())
-            self.ops.append((float(flops), moved, half))
+            half = packet in _AUTOCAST_HALF and self.amp is not None
+            self.ops.append((float(flops), moved, half or any(t.dtype in HALF for t in ins if t.is_floating_point())))
         return out
+
+    def _half(self, t: torch.Tensor) -> bool:
+        entry = self.live.get(StorageWeakRef(t.untyped_storage()).cdata)
+        return bool(entry and entry[2])
 
     @property
     def flops(self) -> float:
         return sum(f for f, _, _ in self.ops)
+
+
+# Autocast on the meta device, which has none, is accounted rather than run (the dtype checks of
+# composite operators such as conv2d run above any dispatch mode, so a trace cannot change dtypes):
+# the outputs of the operators autocast runs in the half dtype (its lower-precision list, as they reach
+# aten, forward and backward) count 2 bytes per element; those it runs in float32 count 4; the rest
+# count 2 when every floating input does (type promotion). Weights and the noise stay float32.
+_AUTOCAST_HALF = {torch.ops.aten.convolution, torch.ops.aten.convolution_backward, torch.ops.aten.mm,
+                  torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm,
+                  torch.ops.aten._scaled_dot_product_efficient_attention,
+                  torch.ops.aten._scaled_dot_product_efficient_attention_backward}
+_AUTOCAST_FP32 = {torch.ops.aten.native_layer_norm, torch.ops.aten.native_group_norm, torch.ops.aten._softmax,
+                  torch.ops.aten._log_softmax, torch.ops.aten.mse_loss, torch.ops.aten.nll_loss_forward,
+                  torch.ops.aten.exp, torch.ops.aten.log, torch.ops.aten.pow, torch.ops.aten.rsqrt,
+                  torch.ops.aten.logsumexp, torch.ops.aten.cumsum, torch.ops.aten.sum, torch.ops.aten.mean}
 
 
 class _MetaAutocast:
@@ -412,35 +438,32 @@ def training_estimate(stage: Stage, batch: int, amp: str, micro_batches: int = 1
     held = state_bytes(*stage.held)
     grads = trainable_bytes(stage.model)
     opt_state = optimizer_state_bytes(stage.optimizer)
-    model = stage.model if dtype == torch.float32 else _meta(lambda: copy.deepcopy(stage.model)).to(dtype)
-    model.train()
-    trace = Trace()
+    stage.model.train()
+    trace = Trace(None if dtype == torch.float32 else dtype)
     with trace, _MetaAutocast(), _FusedAttention():
-        stage.step(model, batch, dtype).backward()
-    parts = {"parameters": params, "gradients": grads, "optimizer_state": opt_state, "ema_and_frozen": held}
+        stage.step(stage.model, batch, torch.float32).backward()
+    # the trace ends holding the gradients, which autograd gives the weights' dtype (float32): counted
+    # apart, so the activations are the trace's peak less what it ends with
+    parts = {"parameters": params, "gradients": grads, "optimizer_state": opt_state, "ema_and_frozen": held,
+             "activations": trace.peak - trace.current}
     if dtype != torch.float32:
-        # traced in half: the half gradients it saw become float32 ones (counted above), and autocast
-        # keeps a half copy of every trained weight through the forward pass
-        parts["activations"] = trace.peak - grads // 2
-        parts["autocast_weights"] = grads // 2
-    else:
-        parts["activations"] = trace.peak - grads
-    for p in model.parameters():
+        parts["autocast_weights"] = grads // 2  # autocast's half copy of every trained weight
+    for p in stage.model.parameters():
         p.grad = None
     return Estimate(parts, trace.ops, repeat=micro_batches)
 
 
 def certify_estimate(model: nn.Module, shape: tuple[int, ...], batch: int, amp: str) -> Estimate:
-    """Per-device peak and operators of one certification batch (Smooth.sample_counts' loop body)."""
+    """Per-device peak and operators of one certification batch (Smooth.sample_counts' loop body: noise
+    drawn and added in float32, the base classifier under ``amp``)."""
     dtype = _dtype(amp)
     params = state_bytes(model)
-    run = model if dtype == torch.float32 else _meta(lambda: copy.deepcopy(model)).to(dtype)
-    trace = Trace()
+    trace = Trace(None if dtype == torch.float32 else dtype)
     with trace, _FusedAttention(), torch.inference_mode():
         x = torch.rand(shape, device="meta")
         noise = torch.randn((batch, *shape), device="meta")
         noisy = noise.mul_(0.5).add_(x)
-        run(noisy.to(dtype)).float().argmax(dim=1)
+        model(noisy).float().argmax(dim=1)
     parts = {"parameters": params, "activations": trace.peak}
     if dtype != torch.float32:
         parts["autocast_weights"] = params // 2
@@ -642,14 +665,14 @@ def gpu_limits(cfg: dict) -> dict[str, float]:
     return {k: float(x) for k, x in v.items()}
 
 
-def advice(cfg: dict, section: str, est: Estimate, limit_gb: float) -> str:
+def advice(cfg: dict, section: str, est: Estimate, limit_gb: float, method: str | None = None) -> str:
     """What would make a stage fit under ``limit_gb``."""
     if section == "certify":
         act = est.parts["activations"]
         room = limit_gb * 1e9 - (est.peak - act)
-        b = cfg["certify"]["batch_size"]
+        b = certify_batch(cfg, method)
         smaller = max(1, int(b * room / act)) if room > 0 else 0
-        hints = [f"certify.batch_sizes METHOD={smaller}" if smaller else "a GPU with more memory",
+        hints = [f"certify.batch_sizes: [{method}={smaller}] (now {b})" if smaller else "a GPU with more memory",
                  "certify.amp: bf16" if cfg["certify"].get("amp", "off") == "off" else ""]
         return "; ".join(h for h in hints if h)
     sec = cfg[section]
@@ -701,6 +724,15 @@ def make_plan(files: list[str], device: str = "a100-80gb", precision: str | None
     device_info(device)
     cfg = presets.load_config(files)
     _validate(cfg, files)
+    return plan_config(cfg, files, device, precision, profile, calibration, only)
+
+
+def plan_config(cfg: dict, files: list[str], device: str = "a100-80gb", precision: str | None = None,
+                profile: str | Path = "profiles/slurm/config.yaml", calibration: dict | None = None,
+                only: str | None = None) -> Plan:
+    """The plan of the (validated) config ``cfg``, read from ``files``, on ``device``."""
+    from rcm import presets
+
     notes: list[str] = []
     cfg = _without_downloads(cfg, notes)
     if only and only not in {j["rule"] for j in jobs(cfg)}:
@@ -721,7 +753,7 @@ def make_plan(files: list[str], device: str = "a100-80gb", precision: str | None
         for n in dev.notes:
             if n not in notes:
                 notes.append(n)
-        row = dict(rule=job["rule"], method=job["method"], sigma=job["sigma"], jobs=job["jobs"],
+        row = dict(rule=job["rule"], section=section, method=job["method"], sigma=job["sigma"], jobs=job["jobs"],
                    precision=amp if amp != "off" else float32)
         if section == "certify":
             row.update(_certify_row(cfg, job, amp, float32, dev, (c, size, size), cache))
@@ -741,7 +773,7 @@ def make_plan(files: list[str], device: str = "a100-80gb", precision: str | None
             row["fits_runtime"] = "yes"
         row["fits"] = bool(row["fits_memory"] and row["fits_runtime"] != "no")
         if not row["fits_memory"]:
-            row["advice"] = advice(cfg, section, row.pop("_estimate"), memory)
+            row["advice"] = advice(cfg, section, row.pop("_estimate"), memory, job["method"])
         row.pop("_estimate", None)
         rows.append(row)
     return Plan(device, [str(f) for f in files], rows, notes)
@@ -895,46 +927,32 @@ def render(plan: Plan, fmt: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def oversize_line(r: dict) -> str:
-    where = r["rule"] + (f" ({r['method']}" if r.get("method") else "") + \
-        (f", sigma {r['sigma']})" if r.get("method") else (f" (sigma {r['sigma']})" if r.get("sigma") is not None else ""))
-    return (f"{where}: planned peak {r['peak_memory_gb']:.3g} GB per device exceeds the limit "
+def oversize_line(r: dict, with_sigma: bool = True) -> str:
+    """``rule (method, sigma): planned peak ... exceeds gpu_memory_gb ...; to fit: ...``"""
+    what = [r["method"]] if r.get("method") else []
+    what += [f"sigma {r['sigma']}"] if with_sigma and r.get("sigma") is not None else []
+    where = r["rule"] + (f" ({', '.join(map(str, what))})" if what else "")
+    return (f"{where}: planned peak {r['peak_memory_gb']:.3g} GB per device exceeds gpu_memory_gb "
             f"{r['memory_limit_gb']:.3g} GB; to fit: {r.get('advice', '')}")
 
 
-def memory_errors(cfg_files_or_cfg, device: str = "a100-80gb") -> list[str]:
-    """One line per stage whose planned peak exceeds ``gpu_memory_gb`` (the workflow's config check)."""
+def memory_errors(cfg_or_files, device: str = "a100-80gb") -> list[str]:
+    """One line per stage whose planned peak exceeds ``gpu_memory_gb``: the workflow's config check
+    (workflow/rules/common.smk, and DVC's prepare stage through ``rcm plan --check``). The peak does
+    not depend on the device; ``device`` only names the plan's time columns."""
     from rcm import presets
 
-    cfg = cfg_files_or_cfg if isinstance(cfg_files_or_cfg, dict) else presets.load_config(cfg_files_or_cfg)
+    cfg = cfg_or_files if isinstance(cfg_or_files, dict) else presets.load_config(cfg_or_files)
     limits = gpu_limits(cfg)
     if not limits:
         return []
-    plan = _plan_of(cfg, device)
-    seen, out = set(), []
-    for r in plan.rows:
-        section = "certify" if r["rule"].startswith("certify") else None
-        if not r["fits_memory"] and r["memory_limit_gb"] in limits.values():
-            line = oversize_line(r)
-            key = (r["rule"], r.get("method"), line)
-            if key not in seen:
-                seen.add(key)
-                out.append(line)
-        del section
+    plan = plan_config(cfg, ["(config)"], device)
+    out, seen = [], set()
+    for r in plan.rows:  # one line per stage: a rule, and a method for certification
+        if r["section"] in limits and not r["fits_memory"] and (r["rule"], r["method"]) not in seen:
+            seen.add((r["rule"], r["method"]))
+            out.append(oversize_line(r, with_sigma=False))
     return out
-
-
-def _plan_of(cfg: dict, device: str) -> Plan:
-    import tempfile
-
-    import yaml
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(cfg, f)
-    try:
-        return make_plan([f.name], device, calibration=None if device != "cpu" else calibrate_cpu())
-    finally:
-        Path(f.name).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------- CLI
@@ -954,12 +972,14 @@ def add_arguments(p) -> None:
 def main(args) -> None:
     device_info(args.device)
     if args.check:
-        errors = memory_errors(args.config)
+        from rcm import presets
+
+        cfg = presets.load_config(args.config)
+        _validate(cfg, args.config)
+        errors = memory_errors(cfg)
         if errors:
-            print("\n".join(errors), file=sys.stderr)
-            raise SystemExit(1)
-        print("rcm plan: every stage fits gpu_memory_gb" if gpu_limits(
-            __import__("rcm.presets", fromlist=["x"]).load_config(args.config)) else "rcm plan: no gpu_memory_gb set")
+            raise ConfigError("a stage does not fit gpu_memory_gb:\n  " + "\n  ".join(errors))
+        print("rcm plan: every stage fits gpu_memory_gb" if gpu_limits(cfg) else "rcm plan: gpu_memory_gb not set")
         return
     plan = make_plan(args.config, args.device, args.precision, args.profile, only=args.rule)
     sys.stdout.write(render(plan, args.format))

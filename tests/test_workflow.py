@@ -181,6 +181,9 @@ def rcm_tokens(cmd: str) -> list[str]:
     """A command as `rcm` tokens (Snakemake's `<python> -m rcm` as `rcm`, and a torchrun launch of it
     as `rcm`), without `--threads N` and the log redirection."""
     tokens = shlex.split(cmd)
+    if "&&" in tokens:  # DVC's prepare checks the config's memory first (Snakemake: while parsing)
+        check, tokens = tokens[:tokens.index("&&")], tokens[tokens.index("&&") + 1:]
+        assert check == ["rcm", "plan", "--config", "config/config.yaml", "--check"], cmd
     if ">" in tokens:
         tokens = tokens[:tokens.index(">")]
     if tokens[1:3] == ["-m", "torch.distributed.run"]:
