@@ -59,9 +59,11 @@ TYPICAL_CASCADE_STAGE_FRACTION = 1.66 / 3
 class Trace(TorchDispatchMode):
     """Live tensor bytes (peak), and per operator its FLOPs, bytes moved and whether it ran in half."""
 
-    def __init__(self, amp: torch.dtype | None = None):
+    def __init__(self, amp: torch.dtype | None = None, *modules: nn.Module, device_type: str = "cuda"):
         super().__init__()
         self.amp = amp
+        self.fp32_ops = _AUTOCAST_FP32["cpu" if device_type == "cpu" else "cuda"]
+        self.state = {self._key(t) for m in modules for t in [*m.parameters(), *m.buffers()]}
         self.live: dict[int, tuple[StorageWeakRef, int, bool]] = {}  # storage -> (ref, bytes, half)
         self.current = self.peak = 0
         self.ops: list[tuple[float, int, bool]] = []
@@ -89,10 +91,11 @@ class Trace(TorchDispatchMode):
         ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         packet = func._overloadpacket
-        half_out = self.amp is not None and (
-            packet in _AUTOCAST_HALF or (packet not in _AUTOCAST_FP32 and any(
-                self._half(t) for t in ins if t.is_floating_point()) and all(
-                self._half(t) for t in ins if t.is_floating_point() and t.numel() > 1)))
+        # other operators: half when their floating inputs are, leaving aside the module's own weights
+        # and buffers (a BatchNorm of a half activation is half) and scalars
+        acts = [t for t in ins if t.is_floating_point() and t.numel() > 1 and self._key(t) not in self.state]
+        half_out = self.amp is not None and (packet in _AUTOCAST_HALF or (
+            packet not in self.fp32_ops and bool(acts) and all(self._half(t) for t in acts)))
         for t in outs:
             storage = t.untyped_storage()
             ref = StorageWeakRef(storage)
@@ -108,6 +111,10 @@ class Trace(TorchDispatchMode):
             half = packet in _AUTOCAST_HALF and self.amp is not None
             self.ops.append((float(flops), moved, half or any(t.dtype in HALF for t in ins if t.is_floating_point())))
         return out
+
+    @staticmethod
+    def _key(t: torch.Tensor) -> int:
+        return StorageWeakRef(t.untyped_storage()).cdata
 
     def _half(self, t: torch.Tensor) -> bool:
         entry = self.live.get(StorageWeakRef(t.untyped_storage()).cdata)
@@ -127,10 +134,15 @@ _AUTOCAST_HALF = {torch.ops.aten.convolution, torch.ops.aten.convolution_backwar
                   torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm,
                   torch.ops.aten._scaled_dot_product_efficient_attention,
                   torch.ops.aten._scaled_dot_product_efficient_attention_backward}
-_AUTOCAST_FP32 = {torch.ops.aten.native_layer_norm, torch.ops.aten.native_group_norm, torch.ops.aten._softmax,
-                  torch.ops.aten._log_softmax, torch.ops.aten.mse_loss, torch.ops.aten.nll_loss_forward,
-                  torch.ops.aten.exp, torch.ops.aten.log, torch.ops.aten.pow, torch.ops.aten.rsqrt,
-                  torch.ops.aten.logsumexp, torch.ops.aten.cumsum, torch.ops.aten.sum, torch.ops.aten.mean}
+# the operators autocast runs in float32, per device type (torch's own lists: CUDA keeps norms, softmax
+# and reductions in float32; the CPU's autocast keeps only a few losses there)
+_AUTOCAST_FP32 = {
+    "cuda": {torch.ops.aten.native_layer_norm, torch.ops.aten.native_group_norm, torch.ops.aten._softmax,
+             torch.ops.aten._log_softmax, torch.ops.aten.mse_loss, torch.ops.aten.nll_loss_forward,
+             torch.ops.aten.exp, torch.ops.aten.log, torch.ops.aten.pow, torch.ops.aten.rsqrt,
+             torch.ops.aten.logsumexp, torch.ops.aten.cumsum, torch.ops.aten.sum, torch.ops.aten.mean},
+    "cpu": {torch.ops.aten.mse_loss, torch.ops.aten.nll_loss_forward, torch.ops.aten.binary_cross_entropy},
+}
 
 
 class _MetaAutocast:
@@ -175,12 +187,19 @@ class _EfficientAttention(torch.autograd.Function):
 
 
 class _FusedAttention:
-    """While tracing: F.scaled_dot_product_attention of meta tensors runs as _EfficientAttention."""
+    """While tracing for a GPU: F.scaled_dot_product_attention of meta tensors runs as _EfficientAttention."""
+
+    def __init__(self, device_type: str = "cuda"):
+        # a CPU plan keeps the unfused path, which writes the attention matrix out as rcm's ViT does
+        # on a CPU (rcm.models.vit.Block)
+        self.active = device_type != "cpu"
 
     def __enter__(self):
         from torch.nn import functional as F
 
         self.original = original = F.scaled_dot_product_attention
+        if not self.active:
+            return self
 
         def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
             if q.device.type != "meta" or is_causal or kw.get("enable_gqa") or q.dim() != 4:
@@ -431,16 +450,18 @@ def _dtype(amp: str):
     return {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def training_estimate(stage: Stage, batch: int, amp: str, micro_batches: int = 1) -> Estimate:
-    """Per-device peak memory and the operators of one optimiser step (``micro_batches`` passes)."""
+def training_estimate(stage: Stage, batch: int, amp: str, micro_batches: int = 1,
+                      device_type: str = "cuda") -> Estimate:
+    """Per-device peak memory and the operators of one optimiser step (``micro_batches`` passes), with
+    ``device_type``'s autocast policy."""
     dtype = _dtype(amp)
     params = state_bytes(stage.model)
     held = state_bytes(*stage.held)
     grads = trainable_bytes(stage.model)
     opt_state = optimizer_state_bytes(stage.optimizer)
     stage.model.train()
-    trace = Trace(None if dtype == torch.float32 else dtype)
-    with trace, _MetaAutocast(), _FusedAttention():
+    trace = Trace(None if dtype == torch.float32 else dtype, stage.model, *stage.held, device_type=device_type)
+    with trace, _MetaAutocast(), _FusedAttention(device_type):
         stage.step(stage.model, batch, torch.float32).backward()
     # the trace ends holding the gradients, which autograd gives the weights' dtype (float32): counted
     # apart, so the activations are the trace's peak less what it ends with
@@ -453,13 +474,14 @@ def training_estimate(stage: Stage, batch: int, amp: str, micro_batches: int = 1
     return Estimate(parts, trace.ops, repeat=micro_batches)
 
 
-def certify_estimate(model: nn.Module, shape: tuple[int, ...], batch: int, amp: str) -> Estimate:
+def certify_estimate(model: nn.Module, shape: tuple[int, ...], batch: int, amp: str,
+                     device_type: str = "cuda") -> Estimate:
     """Per-device peak and operators of one certification batch (Smooth.sample_counts' loop body: noise
     drawn and added in float32, the base classifier under ``amp``)."""
     dtype = _dtype(amp)
     params = state_bytes(model)
-    trace = Trace(None if dtype == torch.float32 else dtype)
-    with trace, _FusedAttention(), torch.inference_mode():
+    trace = Trace(None if dtype == torch.float32 else dtype, model, device_type=device_type)
+    with trace, _FusedAttention(device_type), torch.inference_mode():
         x = torch.rand(shape, device="meta")
         noise = torch.randn((batch, *shape), device="meta")
         noisy = noise.mul_(0.5).add_(x)
@@ -825,7 +847,8 @@ def _train_row(cfg, job, amp, float32, dev: Rates, cache) -> dict:
     key = ("train", section, job["sigma"] if section == "classifier" else None, amp)
     if key not in cache:
         stage = stage_setup(cfg, section, job["sigma"] if job["sigma"] is not None else 0.25)
-        cache[key] = training_estimate(stage, per_device_batch(cfg, section), amp, sec.get("micro_batches", 1))
+        cache[key] = training_estimate(stage, per_device_batch(cfg, section), amp, sec.get("micro_batches", 1),
+                                       "cpu" if dev.name == "cpu" else "cuda")
     est = cache[key]
     devices = processes(cfg, section)
     step_seconds = dev.seconds(est, float32)
@@ -846,7 +869,8 @@ def _certify_row(cfg, job, amp, float32, dev: Rates, shape, cache) -> dict:
     def cost(s, b):
         key = ("certify", method, s if method == "gaussian" else None, b, amp)
         if key not in cache:
-            cache[key] = certify_estimate(certified_network(cfg, method, float(s)), shape, b, amp)
+            cache[key] = certify_estimate(certified_network(cfg, method, float(s)), shape, b, amp,
+                                          "cpu" if dev.name == "cpu" else "cuda")
         return cache[key]
 
     per_image = flops_per_draw = 0.0

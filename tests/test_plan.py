@@ -1,6 +1,7 @@
 """rcm plan: the JSON interface, its memory estimates against measured steps, and the presets' fit."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,12 +140,17 @@ def _measured_training(section: str, results: Path, cfg: dict) -> int:
     return plan.measured_peak(_train_two_steps(run), run.model)
 
 
+@pytest.mark.parametrize("amp", ["off", "bf16"])
 @pytest.mark.parametrize("section", plan.SECTIONS)
-def test_training_peak_is_within_25_percent_of_a_measured_step(section, digits_results):
+def test_training_peak_is_within_25_percent_of_a_measured_step(section, amp, digits_results):
     """The plan's peak (meta device, the estimator used at every scale) against two real optimiser steps
-    of the stage itself (rcm.train.loop.train on the CPU), counted as live tensor storage."""
+    of the stage itself (rcm.train.loop.train on the CPU, under its autocast for bf16), counted as live
+    tensor storage by the same Trace."""
     cfg = small_cfg()
-    est = plan.training_estimate(plan.stage_setup(cfg, section, 0.25), plan.per_device_batch(cfg, section), "off")
+    for name in plan.SECTIONS:
+        cfg[name]["amp"] = amp
+    est = plan.training_estimate(plan.stage_setup(cfg, section, 0.25), plan.per_device_batch(cfg, section), amp, 1,
+                                 "cpu")
     measured = _measured_training(section, digits_results, cfg)
     assert est.peak == pytest.approx(measured, rel=0.25), (est.parts, measured)
 
@@ -155,10 +161,79 @@ def test_certification_peak_is_within_25_percent_of_a_measured_batch(method):
 
     cfg = small_cfg()
     batch = cfg["certify"]["batch_size"]
-    est = plan.certify_estimate(plan.certified_network(cfg, method, 0.5), (1, 8, 8), batch, "off")
+    est = plan.certify_estimate(plan.certified_network(cfg, method, 0.5), (1, 8, 8), batch, "off", "cpu")
     model, _ = presets.base_classifier(cfg, method, 0.5)
     smooth = Smooth(model, 10, 0.5)
     x = torch.rand(1, 8, 8)
     measured = plan.measured_peak(lambda: smooth.sample_counts(x, batch, batch, torch.Generator().manual_seed(0)),
                                   model)
     assert est.peak == pytest.approx(measured, rel=0.25), (est.parts, measured)
+
+
+# ----------------------------------------------------------------------------------- fit, devices, the workflow
+
+@pytest.mark.slow
+@pytest.mark.parametrize("files", PRESETS, ids=lambda f: "+".join(Path(x).stem for x in f))
+def test_every_preset_fits_its_80_gb_gpus(files):
+    p = plan.make_plan(files, "a100-80gb")
+    assert p.rows
+    assert all(r["fits"] for r in p.rows), [(r["rule"], r["method"], r.get("advice"), r["fits_runtime"])
+                                           for r in p.rows if not r["fits"]]
+    assert plan.memory_errors(files) == []
+
+
+@pytest.mark.parametrize("device", sorted(plan.DEVICES))
+def test_the_default_config_plans_on_every_device(device):
+    p = plan.make_plan(DEFAULT, device).as_json()
+    assert p["device"] == device and p["total_device_hours"] > 0
+    assert all(r["seconds_per_image"] > 0 for r in p["rules"] if r["rule"] == "certify")
+
+
+def test_imagenet_preset_as_it_was_does_not_fit(tmp_path):
+    """The issue's four findings: pretraining at 4096 on 8 GPUs in float32, fine-tuning at 1024 x 2 on one
+    GPU, the denoiser at 64 x 224 px on one GPU, dds at batch 400 through guided diffusion."""
+    old = tmp_path / "old.yaml"
+    old.write_text("gpus: {denoiser: 1, classifier: 1, finetune_denoiser: 1, rrcm_pretrain: 8, rrcm_finetune: 1,"
+                   " certify: 1}\nnodes: {rrcm_pretrain: 1}\n"
+                   "denoiser: {amp: 'off'}\nrrcm_pretrain: {amp: 'off'}\nrrcm_finetune: {amp: 'off'}\n"
+                   "certify: {batch_sizes: []}\n")
+    errors = plan.memory_errors(["config/imagenet.yaml", str(old)])
+    rules = [line.split(":")[0] for line in errors]
+    assert {"train_denoiser", "pretrain_rrcm", "finetune_rrcm"} <= set(rules), errors
+    pretrain = next(line for line in errors if line.startswith("pretrain_rrcm"))
+    assert "exceeds gpu_memory_gb 80 GB; to fit:" in pretrain and "micro_batches" not in pretrain
+    dds = plan.memory_errors(["config/imagenet.yaml", "config/imagenet-dds.yaml", str(old)])
+    assert [line.split(":")[0] for line in dds] == ["certify (dds)"], dds
+
+
+def _oversized(repo: Path) -> None:
+    cfg = repo / "config/config.yaml"
+    cfg.write_text(cfg.read_text().replace("gpu_memory_gb: 0 ", "gpu_memory_gb: {denoiser: 0.001, certify: 0.02} "))
+
+
+def test_an_oversized_stage_stops_snakemake_before_any_job(tmp_path):
+    from test_workflow import make_copy, snakemake
+
+    repo = make_copy(tmp_path / "repo", config=None)
+    _oversized(repo)
+    r = snakemake(repo, "-n")
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    assert "train_denoiser: planned peak 0.018 GB per device exceeds gpu_memory_gb 0.001 GB; to fit:" in out, out[-3000:]
+    assert "certify (dds): planned peak" in out and "certify.batch_sizes: [dds=" in out
+    assert "Job stats" not in out and not (repo / "results").exists()
+
+
+@pytest.mark.slow
+def test_an_oversized_stage_stops_dvc_repro_before_any_job(tmp_path):
+    from test_workflow import BIN, dvc_env, make_copy
+
+    repo = make_copy(tmp_path / "repo", config=None)
+    _oversized(repo)
+    r = subprocess.run([str(BIN / "dvc"), "repro"], cwd=repo, env=dvc_env(), capture_output=True, text=True,
+                       timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out
+    assert "train_denoiser: planned peak 0.018 GB per device exceeds gpu_memory_gb 0.001 GB; to fit:" in out, out
+    assert re.findall(r"Running stage '([^']+)'", out) == ["prepare"]  # its first command is the check
+    assert not (repo / "results").exists()
