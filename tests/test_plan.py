@@ -237,3 +237,43 @@ def test_an_oversized_stage_stops_dvc_repro_before_any_job(tmp_path):
     assert "train_denoiser: planned peak 0.018 GB per device exceeds gpu_memory_gb 0.001 GB; to fit:" in out, out
     assert re.findall(r"Running stage '([^']+)'", out) == ["prepare"]  # its first command is the check
     assert not (repo / "results").exists()
+
+
+# ----------------------------------------------------------------------------------- time on this CPU
+
+def _rcm(results: Path, *args: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "rcm", "--threads", "1", *args, "--dataset", "digits",
+                        "--results", str(results)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def measured_seconds_per_image(results: Path, method: str, images: int = 20) -> float:
+    """The mean `time` column of a real `rcm certify` shard (the default protocol, n0 = 100, n = 1000,
+    batch 1000, one thread as the workflow runs it) of ``images`` digits test images."""
+    import csv
+
+    _rcm(results, "certify", "--method", method, "--sigma", "0.25", "--shard", "0", "--shards", "4",
+         "--max_images", str(4 * images), "--device", "cpu")
+    from rcm import paths
+
+    rows = list(csv.DictReader(open(paths.certificate(results, "digits", method, "0.25", 0, 4)), delimiter="\t"))
+    return sum(float(r["time"]) for r in rows) / len(rows)
+
+
+@pytest.mark.slow
+def test_cpu_plan_predicts_certification_seconds_within_30_percent(digits_results):
+    """On `--device cpu` (calibrated now, on this machine) the plan's seconds per certified image of the
+    default config against real certificates certified right after it. Weights do not change a fixed-n
+    certification's cost, so the models are trained for one step."""
+    r = digits_results
+    for sigma in ("0.0", "0.25"):
+        _rcm(r, "train-classifier", "--sigma", sigma, "--steps", "1", "--eval_every", "1")
+    _rcm(r, "train-denoiser", "--steps", "1", "--eval_every", "1")
+    _rcm(r, "pretrain-rrcm", "--steps", "1", "--eval_every", "1")
+    _rcm(r, "finetune-rrcm", "--sigma", "0.25", "--steps", "1", "--eval_every", "1")
+    rows = plan.make_plan(DEFAULT, "cpu").as_json()["rules"]
+    planned = {row["method"]: row["seconds_per_image"] for row in rows if row["rule"] == "certify" and row["sigma"] == 0.25}
+    measured = {m: measured_seconds_per_image(r, m) for m in ("gaussian", "dds", "rrcm")}
+    ratios = {m: planned[m] / measured[m] for m in measured}
+    print("planned / measured seconds per image:", ratios, planned, measured)
+    assert all(0.7 <= q <= 1.3 for q in ratios.values()), ratios
