@@ -36,6 +36,16 @@ localrules:
     all,
 
 
+# RCM_PLAN=DEVICE (e.g. a100-80gb): a real run (not -n) prints the plan of this config on that device in
+# one line before any job (rcm plan; it imports torch and traces the networks, seconds to a minute).
+onstart:
+    if os.environ.get("RCM_PLAN"):
+        from rcm.plan import plan_config, summary_line
+
+        print(summary_line(plan_config(config, [str(f) for f in workflow.configfiles], os.environ["RCM_PLAN"])),
+              flush=True)
+
+
 rule all:
     input:
         report_files(),

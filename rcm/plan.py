@@ -979,6 +979,19 @@ def memory_errors(cfg_or_files, device: str = "a100-80gb") -> list[str]:
     return out
 
 
+def summary_line(plan: Plan) -> str:
+    """The plan in one line: what the workflow prints first on a real run (RCM_PLAN=DEVICE snakemake)."""
+    data = plan.as_json()
+    jobs_total = sum(r["jobs"] for r in plan.rows)
+    biggest = max(plan.rows, key=lambda r: r["peak_memory_gb"]) if plan.rows else None
+    misfits = [r for r in plan.rows if not r["fits"]]
+    stages = ", ".join(f"{k} {v:.3g}" for k, v in data["stage_device_hours"].items())
+    return (f"rcm plan on {plan.device}: {jobs_total} device jobs, {data['total_device_hours']:.4g} device-hours "
+            f"({stages}); largest peak {biggest['peak_memory_gb']:.3g} GB per device ({biggest['rule']}); "
+            + (f"{len(misfits)} row(s) do not fit: " + ", ".join(sorted({r['rule'] for r in misfits}))
+               if misfits else "every rule fits") if biggest else f"rcm plan on {plan.device}: no device jobs")
+
+
 # ----------------------------------------------------------------------------------- CLI
 
 def add_arguments(p) -> None:
