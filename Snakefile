@@ -38,12 +38,11 @@ localrules:
 
 # RCM_PLAN=DEVICE (e.g. a100-80gb): a real run (not -n) prints the plan of this config on that device in
 # one line before any job (rcm plan; it imports torch and traces the networks, seconds to a minute).
+# (An optional variable, read by rcm.plan.workflow_summary: `envvars:` would make it required.)
 onstart:
-    if os.environ.get("RCM_PLAN"):
-        from rcm.plan import plan_config, summary_line
+    from rcm.plan import workflow_summary
 
-        print(summary_line(plan_config(config, [str(f) for f in workflow.configfiles], os.environ["RCM_PLAN"])),
-              flush=True)
+    workflow_summary(config, [str(f) for f in workflow.configfiles])
 
 
 rule all:

@@ -997,6 +997,16 @@ def summary_line(plan: Plan) -> str:
                if misfits else "every rule fits") if biggest else f"rcm plan on {plan.device}: no device jobs")
 
 
+def workflow_summary(cfg: dict, files: list[str]) -> None:
+    """Snakemake's onstart (a real run, not -n): with RCM_PLAN=DEVICE set, print the plan's summary line
+    first. Imported only there, so parsing the DAG stays torch-free."""
+    import os
+
+    device = os.environ.get("RCM_PLAN")
+    if device:
+        print(summary_line(plan_config(cfg, files, device)), flush=True)
+
+
 # ----------------------------------------------------------------------------------- CLI
 
 def add_arguments(p) -> None:
