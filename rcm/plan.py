@@ -28,6 +28,7 @@ How each number is made (one estimator at every scale):
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import sys
@@ -57,6 +58,13 @@ TYPICAL_CASCADE_STAGE_FRACTION = 1.66 / 3
 
 # ----------------------------------------------------------------------------------- tracing
 
+@functools.lru_cache(maxsize=None)
+def _composite(func) -> bool:
+    """Whether an operator is a composite of others (fused attention stays whole: _FusedAttention)."""
+    return func is not torch.ops.aten.scaled_dot_product_attention.default and \
+        torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), torch._C.DispatchKey.CompositeImplicitAutograd)
+
+
 class Trace(TorchDispatchMode):
     """Live tensor bytes (peak), and per operator its FLOPs, bytes moved and whether it ran in half."""
 
@@ -78,9 +86,7 @@ class Trace(TorchDispatchMode):
         kwargs = kwargs or {}
         if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
             return 0  # .item() of a logged loss term: a meta tensor has no value, and none is needed
-        if func._overloadpacket not in flop_registry and func is not torch.ops.aten.scaled_dot_product_attention.default \
-                and torch._C._dispatch_has_kernel_for_dispatch_key(
-                func.name(), torch._C.DispatchKey.CompositeImplicitAutograd):
+        if func._overloadpacket not in flop_registry and _composite(func):
             # under inference mode composite operators (conv2d, linear) arrive whole: count their parts,
             # as FlopCounterMode does
             with self:
@@ -803,6 +809,11 @@ def plan_config(cfg: dict, files: list[str], device: str = "a100-80gb", precisio
             row["advice"] = advice(cfg, section, row.pop("_estimate"), memory, job["method"])
         row.pop("_estimate", None)
         rows.append(row)
+    if device != "cpu":
+        tf32 = sorted({r["rule"] for r in rows if r["precision"] == "tf32"})
+        notes.append(f"float32 on {device}: IEEE float32 (rcm sets both TF32 switches off, rcm.precision."
+                     "set_float32)" + (f", except TF32 in {', '.join(tf32)} (tf32: true or --precision tf32)"
+                                       if tf32 else "; a stage's tf32: true, or --precision tf32, plans TF32"))
     return Plan(device, [str(f) for f in files], rows, notes)
 
 

@@ -219,7 +219,8 @@ def test_an_oversized_stage_stops_snakemake_before_any_job(tmp_path):
     r = snakemake(repo, "-n")
     assert r.returncode != 0
     out = r.stdout + r.stderr
-    assert "train_denoiser: planned peak 0.018 GB per device exceeds gpu_memory_gb 0.001 GB; to fit:" in out, out[-3000:]
+    line = "train_denoiser: planned peak 0.018 GB per device exceeds gpu_memory_gb 0.001 GB; to fit:"
+    assert line in out, out[-3000:]
     assert "certify (dds): planned peak" in out and "certify.batch_sizes: [dds=" in out
     assert "Job stats" not in out and not (repo / "results").exists()
 
@@ -272,7 +273,8 @@ def test_cpu_plan_predicts_certification_seconds_within_30_percent(digits_result
     _rcm(r, "pretrain-rrcm", "--steps", "1", "--eval_every", "1")
     _rcm(r, "finetune-rrcm", "--sigma", "0.25", "--steps", "1", "--eval_every", "1")
     rows = plan.make_plan(DEFAULT, "cpu").as_json()["rules"]
-    planned = {row["method"]: row["seconds_per_image"] for row in rows if row["rule"] == "certify" and row["sigma"] == 0.25}
+    planned = {row["method"]: row["seconds_per_image"] for row in rows
+               if row["rule"] == "certify" and row["sigma"] == 0.25}
     measured = {m: measured_seconds_per_image(r, m) for m in ("gaussian", "dds", "rrcm")}
     ratios = {m: planned[m] / measured[m] for m in measured}
     print("planned / measured seconds per image:", ratios, planned, measured)
