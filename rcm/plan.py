@@ -78,7 +78,8 @@ class Trace(TorchDispatchMode):
         self.ops: list[tuple[float, int, bool]] = []
 
     def _collect(self) -> None:
-        dead = [k for k, (ref, _, _) in self.live.items() if ref.expired()]
+        expired = torch.UntypedStorage._expired  # what StorageWeakRef.expired calls, without two wrappers
+        dead = [k for k, (ref, _, _) in self.live.items() if expired(ref.cdata)]
         for k in dead:
             self.current -= self.live.pop(k)[1]
 
