@@ -54,6 +54,10 @@ HALF = (torch.float16, torch.bfloat16)
 # the default run's mdds cascade reached 1.66 of its 3 stages per image on average (docs/benchmarks.md,
 # results/digits/report/cost.md: 15.6 / 9.4 GFLOP per image): the "typical" cascade figure; the bound is 3 of 3
 TYPICAL_CASCADE_STAGE_FRACTION = 1.66 / 3
+# sequential certification at n_max = 100 000 on the default run's models used 16 241 of its 100 100 draws
+# per image on average (docs/benchmarks.md, `rcm bench-sequential`: the 150 images of its twelve rows,
+# weighted by images): the "typical" sequential figure; the bound is every draw
+TYPICAL_SEQUENTIAL_DRAW_FRACTION = 16_241 / 100_100
 
 
 # ----------------------------------------------------------------------------------- tracing
@@ -912,7 +916,9 @@ def _certify_row(cfg, job, amp, float32, dev: Rates, shape, cache) -> dict:
         row["typical_seconds_per_image"] = per_image * TYPICAL_CASCADE_STAGE_FRACTION
         row["note"] = f"bound: all {len(sigmas)} stages per image; typical from the default run's measured 1.66 of 3"
     if job["rule"] == "certify_sequential":
-        row["note"] = "bound: n_max = certify.n draws per image; sequential testing usually stops far earlier"
+        row["typical_seconds_per_image"] = per_image * TYPICAL_SEQUENTIAL_DRAW_FRACTION
+        row["note"] = ("bound: n_max = certify.n draws per image; typical from the default run's measured 16% "
+                       "of n_max (rcm bench-sequential)")
     wall = per_image * images / 3600
     row.update(flops=row["flops_per_image"] * images * job["jobs"], wall_hours_per_job=wall,
                device_hours=wall * job["jobs"])
