@@ -13,7 +13,7 @@ CONFIG ?=
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS ?= 1
 
-.PHONY: install run test test-fast gpu-check repro pull report-html clean
+.PHONY: install run test test-fast gpu-check repro pull report-html plan clean
 
 $(BIN)/rcm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,12 @@ pull: install
 	$(BIN)/dvc pull
 	@$(BIN)/dvc status --quiet || { echo "make pull: dvc status shows changed stages; not marking anything up to date" >&2; $(BIN)/dvc status >&2; exit 1; }
 	$(BIN)/snakemake --touch --cores 1 --quiet rules
+
+# What the configured run costs and whether it fits, before any job (docs/plan.md):
+#   make plan CONFIG="config/imagenet.yaml config/imagenet-dds.yaml" DEVICE=h100-80gb
+DEVICE ?= a100-80gb
+plan: install
+	$(BIN)/rcm plan --config config/config.yaml $(CONFIG) --device $(DEVICE)
 
 # Snakemake's self-contained HTML report of the last run
 report-html: install

@@ -36,6 +36,15 @@ localrules:
     all,
 
 
+# RCM_PLAN=DEVICE (e.g. a100-80gb): a real run (not -n) prints the plan of this config on that device in
+# one line before any job (rcm plan; it imports torch and traces the networks, seconds to a minute).
+# (An optional variable, read by rcm.plan.workflow_summary: `envvars:` would make it required.)
+onstart:
+    from rcm.plan import workflow_summary
+
+    workflow_summary(config, [str(f) for f in workflow.configfiles])
+
+
 rule all:
     input:
         report_files(),

@@ -24,6 +24,7 @@ COMMANDS = {
     "import-model": ("rcm.importers", "import a checkpoint written by the papers' code (Cohen et al., OpenAI diffusion, ...)"),
     "certify": ("rcm.certify", "certify one shard of one method at one sigma (or a cascade)"),
     "report": ("rcm.report", "tables, plot and metrics from certificate files"),
+    "plan": ("rcm.plan", "what a configured run costs and whether it fits, before any job starts"),
     "bench": ("rcm.bench", "benchmarks that print numbers (speed, FLOPs)"),
     "bench-sequential": ("rcm.bench_sequential", "fixed-n vs sequential certification on the same images"),
 }

@@ -185,6 +185,9 @@ def rcm_tokens(cmd: str) -> list[str]:
     tokens = shlex.split(cmd)
     if tokens[0] == "CUDA_VISIBLE_DEVICES=":
         tokens = tokens[1:]
+    if "&&" in tokens:  # DVC's prepare checks the config's memory first (Snakemake: while parsing)
+        check, tokens = tokens[:tokens.index("&&")], tokens[tokens.index("&&") + 1:]
+        assert check == ["rcm", "plan", "--config", "config/config.yaml", "--check"], cmd
     if ">" in tokens:
         tokens = tokens[:tokens.index(">")]
     if tokens[1:3] == ["-m", "torch.distributed.run"]:

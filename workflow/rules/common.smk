@@ -288,8 +288,21 @@ def validate_config(cfg: dict, schema_file: Path, overrides: dict) -> None:
     errors = _schema_errors(cfg, schema)
     if not errors:
         errors = _semantic_errors(cfg)
+    if not errors:
+        errors = _memory_errors(cfg)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _memory_errors(cfg: dict) -> list[str]:
+    """One line per stage whose planned peak memory per device (rcm plan) exceeds ``gpu_memory_gb``.
+    rcm.plan imports torch and traces the configured networks on the meta device (seconds), so it is
+    imported only when the key is set: without it, parsing the DAG stays torch-free."""
+    if not cfg.get("gpu_memory_gb"):
+        return []
+    from rcm.plan import memory_errors
+
+    return memory_errors(cfg)
 
 
 validate_config(config, Path(workflow.current_basedir).parent / "schemas" / "config.schema.yaml",
