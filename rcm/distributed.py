@@ -263,8 +263,10 @@ def local_normal(g: torch.Generator, rows: int, row_shape: tuple[int, ...], stre
     whatever the number of processes and accumulation passes, and each process draws (and holds) only
     its own rows; ``g`` itself is not advanced. ``stream`` tells apart the image-sized draws of one
     step (e.g. the training noise and the DDPM noise)."""
-    lo = _PART[0] * rows
     out = torch.empty((rows, *row_shape), device=device)
+    if out.device.type == "meta":   # shapes only (rcm.plan traces a step there): no values to draw
+        return out
+    lo = _PART[0] * rows
     seed = g.initial_seed()
     for i in range(rows):
         gen = torch.Generator(device=device).manual_seed(row_seed(seed, stream, lo + i))

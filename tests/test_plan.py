@@ -1,6 +1,7 @@
 """rcm plan: the JSON interface, its memory estimates against measured steps, and the presets' fit."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -262,10 +263,13 @@ def measured_seconds_per_image(results: Path, method: str, images: int = 20) -> 
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("RCM_TIMING") != "1",
+                    reason="a timing comparison: RCM_TIMING=1 on an otherwise idle machine (docs/plan.md)")
 def test_cpu_plan_predicts_certification_seconds_within_30_percent(digits_results):
     """On `--device cpu` (calibrated now, on this machine) the plan's seconds per certified image of the
     default config against real certificates certified right after it. Weights do not change a fixed-n
-    certification's cost, so the models are trained for one step."""
+    certification's cost, so the models are trained for one step. Wall times move with whatever else the
+    machine runs (a shared 2-core CI machine: up to 3x), so this runs only when asked, as a benchmark."""
     r = digits_results
     for sigma in ("0.0", "0.25"):
         _rcm(r, "train-classifier", "--sigma", sigma, "--steps", "1", "--eval_every", "1")
