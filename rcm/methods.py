@@ -14,9 +14,12 @@ This module imports no torch: Snakemake reads it while the workflow is parsed. B
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
+import os
 import re
 import string
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -139,6 +142,7 @@ def resolve(spec: str, where: str) -> Callable:
     module, sep, attr = spec.partition(":")
     if not sep or not module or not attr:
         raise ConfigError(f"{where}: '{spec}' is not MODULE:ATTRIBUTE")
+    _working_dir_importable()
     try:
         obj = importlib.import_module(module)
     except ImportError as exc:
@@ -150,6 +154,30 @@ def resolve(spec: str, where: str) -> Callable:
     if not callable(obj):
         raise ConfigError(f"{where}: '{spec}' is not callable")
     return obj
+
+
+def _working_dir_importable() -> None:
+    """Modules under the working directory import, as under ``python -m`` (the workflow's jobs)."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
+def source_file(method: Method) -> str:
+    """The file of a method's builder module, relative to the working directory, when it lies under it
+    ('' otherwise, or for a callable)."""
+    if not isinstance(method.builder, str):
+        return ""
+    _working_dir_importable()
+    try:
+        spec = importlib.util.find_spec(method.builder.partition(":")[0])
+    except (ImportError, ValueError):
+        return ""
+    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+        return ""
+    try:
+        return str(Path(spec.origin).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return ""
 
 
 def check_signature(fn: Callable, where: str) -> None:
@@ -219,7 +247,8 @@ def custom(name: str, *, base_classifier: str | Callable, models: dict[str, str]
         return {role: Path(t.format(sigma=paths.fmt_sigma(sigma), results=results, dataset=dataset))
                 for role, t in templates.items()}
 
-    return Method(name, files_at, fn, sigma_conditioned=sigma_conditioned, noise=noise or "",
+    builder = base_classifier if isinstance(base_classifier, str) else fn   # the spec, for flags and docs
+    return Method(name, files_at, builder, sigma_conditioned=sigma_conditioned, noise=noise or "",
                   makers={role: "train_custom" if role in commands else "(expected)" for role in models},
                   templates=templates, train=commands)
 
