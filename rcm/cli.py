@@ -26,6 +26,7 @@ COMMANDS = {
     "report": ("rcm.report", "tables, plot and metrics from certificate files"),
     "bench": ("rcm.bench", "benchmarks that print numbers (speed, FLOPs)"),
     "bench-sequential": ("rcm.bench_sequential", "fixed-n vs sequential certification on the same images"),
+    "dvc": ("rcm.dvcgen", "write the DVC stages of the config's custom_methods into dvc.yaml"),
 }
 
 

@@ -109,6 +109,10 @@ def make_copy(dest: Path, config: str | None = ".test/config.yaml") -> Path:
             shutil.copy2(src, dest / item)
     if config and config != "config/config.yaml":
         shutil.copy2(dest / config, dest / "config" / "config.yaml")
+    if (yaml.safe_load((dest / "config" / "config.yaml").read_text()) or {}).get("custom_methods"):
+        # dvc.yaml's stages of the config's own methods, as a user writes them (`rcm dvc`)
+        subprocess.run([sys.executable, "-m", "rcm", "dvc"], cwd=dest, check=True, capture_output=True,
+                       env=run_env())
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     return dest
 
