@@ -108,7 +108,6 @@ BUILTIN = (
            makers={"rrcm": "finetune_rrcm | import_rrcm_classifier"},
            preset="rcm.presets:rrcm", builtin=True),
 )
-assert tuple(m.name for m in BUILTIN) == paths.METHODS
 
 _REGISTRY: dict[str, Method] = {m.name: m for m in BUILTIN}
 
