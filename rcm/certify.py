@@ -178,7 +178,10 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
     fingerprint = dict(protocol=asdict(o) | {"device": device.type}, method=method, sigma=sigma, shard=shard,
                        sigmas=sigmas, p0=p0, alpha_split=alpha_split, sequential=sequential,
                        radii=radii if sequential else None,
-                       **({"noise": stream} if stream != method else {}),
+                       # a user's method: its builder and noise stream too (a resume after editing either
+                       # must not mix two methods in one shard); the built-ins' fingerprints are unchanged
+                       **({} if methods.get(method).builtin else {"builder": _spec(methods.get(method).builder),
+                                                                  "noise": stream}),
                        # CUDA's noise (Philox) and rounding depend on the GPU model, the versions, TF32: a
                        # resume on another GPU model or software must not mix two noise streams in one shard
                        arithmetic=arithmetic,
@@ -236,6 +239,10 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
     finally:
         partial.close(finished=finished)
     return out
+
+
+def _spec(builder) -> str:
+    return builder if isinstance(builder, str) else f"{builder.__module__}:{builder.__qualname__}"
 
 
 def check_output(method: str, sigma: float, model, example, num_classes: int) -> None:
