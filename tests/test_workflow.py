@@ -463,7 +463,7 @@ def test_sequential_methods_are_certified_beside_or_instead_of_fixed_n(fresh, tm
 
 
 MINE = {"base_classifier": "examples.custom_method.method:build", "models": {"net": "models/mine_sigma_{sigma}.pt"},
-        "train": "touch {output} --sigma {sigma}"}
+        "train": "{python} -c 'import sys; open(sys.argv[1], \"w\").write(sys.argv[2])' {output} {sigma}"}
 
 
 def test_a_custom_method_trains_certifies_cascades_and_runs_sequentially(tmp_path):
@@ -477,10 +477,16 @@ def test_a_custom_method_trains_certifies_cascades_and_runs_sequentially(tmp_pat
     data = {"custom_methods": {"mine": MINE}, "methods": cfg["methods"] + ["mine"],
             "cascades": cfg["cascades"] + [{"method": "mine", "flags": {"sigmas": [0.5, 0.25], "p0": 0.5}}],
             "sequential_methods": ["gaussian", "mine"]}
-    jobs = dry_run(repo, "--configfile", overlay(tmp_path, "mine", data))
+    mine = overlay(tmp_path, "mine", data)
+    jobs = dry_run(repo, "--configfile", mine)
     train = sorted((j for j in jobs if j.rule == "train_mine_net"), key=lambda j: j.outputs)
     assert [j.outputs for j in train] == [("models/mine_sigma_0.25.pt",), ("models/mine_sigma_0.5.pt",)]
-    assert train[0].shell.startswith("(touch models/mine_sigma_0.25.pt --sigma 0.25) > ")
+    assert train[0].shell.startswith(f"({sys.executable} -c 'import sys; open(sys.argv[1], \"w\")")
+    assert train[0].shell.endswith(" models/mine_sigma_0.25.pt 0.25) > logs/digits/train_mine/net_sigma_0.25.log 2>&1")
+    # the job runs the command as written, {output} and {sigma} filled in
+    r = snakemake(repo, "--cores", "1", "models/mine_sigma_0.5.pt", "--configfile", mine)
+    assert r.returncode == 0, tail(r)
+    assert (repo / "models/mine_sigma_0.5.pt").read_text() == "0.5"
     shards = cfg["certify"]["shards"]
     by_rule = lambda rule: [j for j in jobs if j.rule == rule and "/mine/" in j.outputs[0]]  # noqa: E731
     fixed, cascade, sequential = (by_rule(r) for r in ("certify_custom", "certify_custom_cascade",
@@ -507,7 +513,7 @@ def test_a_custom_method_trains_certifies_cascades_and_runs_sequentially(tmp_pat
     with pytest.raises(Exception, match=r"^cascades.1.method: dvc.yaml's certify-cascade stage cannot"):
         dvcgen.stages(merged, [])
     text = dvcgen.stages({**merged, "cascades": cfg["cascades"], "sequential_methods": []}, ["rcm/certify.py"])
-    assert "train-mine-net:\n    foreach: ${sigmas}" in text and "cmd: touch models/mine_sigma_${item}.pt --sigma ${item}" in text
+    assert "train-mine-net:\n    foreach: ${sigmas}" in text and " models/mine_sigma_${item}.pt ${item}" in text
     methods.unregister("mine")
 
 
