@@ -107,8 +107,7 @@ def stages(cfg: dict, certify_code: list[str]) -> str:
 
 def _scalar(text: str) -> str:
     """``text`` as one YAML scalar (quoted when plain YAML would read it otherwise)."""
-    dumped = yaml.safe_dump(text, default_style=None, width=10_000).strip()
-    return dumped[:-4].rstrip() if dumped.endswith("\n...") else dumped.removesuffix("...").strip()
+    return yaml.safe_dump(text, width=10_000).removesuffix("\n...\n").strip()
 
 
 def render(current: str, cfg: dict) -> str:

@@ -291,3 +291,20 @@ def test_the_example_method_filters_then_classifies():
     model = MedianFiltered(Recorder(), 3)
     model(x)
     assert torch.equal(model.classifier.seen, direct)
+
+
+def test_register_takes_a_callable_with_the_same_checks(digits_results, user_module, registry):
+    """The Python API accepts the builder itself; its signature is checked as a MODULE:ATTR's is, and a
+    builder that returns no module is named on the first image."""
+    from usermethod import Net
+
+    with pytest.raises(ConfigError, match=r"^method 'cb'.base_classifier: <lambda>\(sigma\) must take "
+                                          r"\(sigma, models, device\)$"):
+        methods.register("cb", base_classifier=lambda sigma: Net(10), models={"net": "n_{sigma}.pt"})
+    o = CertifyOptions(n0=5, n=20, batch_size=25, skip=90, device="cpu")
+    common = dict(dataset="digits", results=str(digits_results), sigma="0.5", shard=0, o=o, progress=False)
+    methods.register("cb", base_classifier=lambda sigma, models, device: Net(10), models={"net": "n_{sigma}.pt"})
+    assert len(_rows(certify_shard(method="cb", **common))) == 4
+    methods.register("bad", base_classifier=lambda sigma, models, device: "a model", models={"net": "n_{sigma}.pt"})
+    with pytest.raises(ConfigError, match=r"^method 'bad': its base_classifier returned str, not an nn.Module$"):
+        certify_shard(method="bad", **common)
