@@ -230,8 +230,9 @@ def custom(name: str, *, base_classifier: str | Callable, models: dict[str, str]
         if "sigma" not in found and not sigma_conditioned:
             raise ConfigError(f"{key}: '{template}' has no {{sigma}}, but '{name}' is per-sigma (one model per "
                               "noise level); put {sigma} in the path, or set sigma_conditioned: true")
-    if noise and noise not in _REGISTRY and noise != name:
-        raise ConfigError(f"{where}.noise: '{noise}' is no method (known: {', '.join(_REGISTRY)})")
+    builtins = [m.name for m in BUILTIN]
+    if noise and noise not in builtins and noise != name:   # a built-in's streams, or the method's own
+        raise ConfigError(f"{where}.noise: '{noise}' is no built-in method (streams to share: {', '.join(builtins)})")
     commands = train if isinstance(train, dict) else {role: train for role in models} if train else {}
     for role, command in commands.items():
         key = f"{where}.train" + (f".{role}" if isinstance(train, dict) else "")

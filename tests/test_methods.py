@@ -213,7 +213,7 @@ BAD_SPECS = {
                                "custom_methods.mine.train: 'python train.py --sigma {sigma}' has no {output}"),
     "train of an unknown role": (dict(train={"other": "make {output}"}),
                                  "custom_methods.mine.train.other: no model of role 'other'"),
-    "noise of no method": (dict(noise="ddpm"), "custom_methods.mine.noise: 'ddpm' is no method"),
+    "noise of no method": (dict(noise="ddpm"), "custom_methods.mine.noise: 'ddpm' is no built-in method"),
     "unknown key": (dict(trian="make {output}"), "custom_methods.mine.trian: unknown key"),
     "built-in name": (dict(name="gaussian"), "custom_methods.gaussian: 'gaussian' is a built-in method's name"),
     "bad name": (dict(name="My-Method"), "custom_methods.My-Method: a method name is lower-case letters"),
