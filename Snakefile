@@ -28,6 +28,7 @@ include: "workflow/rules/prepare.smk"
 include: "workflow/rules/denoiser.smk"
 include: "workflow/rules/classifier.smk"
 include: "workflow/rules/rrcm.smk"
+include: "workflow/rules/custom.smk"
 include: "workflow/rules/certify.smk"
 include: "workflow/rules/report.smk"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from rcm import paths
+from rcm import methods, paths
 from rcm.cascade import ALPHA_SPLITS, certify_cascade, guaranteed_alpha
 from rcm.certificate import write_certificate
 from rcm.data import load_split
@@ -90,8 +90,7 @@ class SequentialOptions:
 def validate(method: str, sigma: str, shard: int, o: CertifyOptions, sigmas: list[float],
              p0: float = 0.5, alpha_split: str = "uniform") -> None:
     """Reject bad input before any model is loaded, naming the argument."""
-    if method not in METHODS:
-        raise ConfigError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
+    methods.get(method)                          # ConfigError: unknown method, naming the known ones
     if sigma == paths.CASCADE:
         if len(sigmas) < 1 or any(s <= 0 for s in sigmas):
             raise ConfigError(f"a cascade needs --sigmas, all > 0; got {sigmas}")
@@ -126,9 +125,9 @@ def batch_sizes(o: CertifyOptions) -> dict[str, int]:
     out = {}
     for entry in o.batch_sizes:
         method, _, value = entry.partition("=")
-        if method not in METHODS or not value.isdigit() or int(value) < 1:
+        if method not in methods.names() or not value.isdigit() or int(value) < 1:
             raise ConfigError(f"batch_sizes entry '{entry}': expected METHOD=N with METHOD one of "
-                              f"{', '.join(METHODS)} and N >= 1")
+                              f"{', '.join(methods.names())} and N >= 1")
         if method in out:
             raise ConfigError(f"batch_sizes names '{method}' twice")
         out[method] = int(value)
@@ -167,6 +166,9 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
              for s in (sigmas if cascade else [float(sigma)])}
     members = [(s, base_classifier(method, s, results, dataset, device, files=f)) for s, f in files.items()]
     example = split.float_images(rows[:1])[0].to(device) if len(rows) else None
+    if example is not None and not methods.get(method).builtin:
+        for s, m in members:                     # a user's model fails here in one line, not inside torch
+            check_output(method, s, m, example, split.num_classes)
     flops = [flops_per_sample(m, example) for _, m in members] if example is not None else [0.0]
     for s, m in members:  # the resolutions each image passes through, into the job's log
         if hasattr(m, "describe"):
@@ -176,6 +178,7 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
     members = [(s, wrap(m, o.amp, o.channels_last, o.compile, batch_size)) for s, m in members]
     out = paths.certificate(results, dataset, method, sigma, shard, o.shards, sequential=sequential)
 
+    stream = methods.get(method).stream        # the name keying the noise: the method's own unless shared
     smooth = None if cascade else Smooth(members[0][1], split.num_classes, members[0][0])
     alpha_guaranteed = guaranteed_alpha(o.alpha, len(members), alpha_split) if cascade else None
     used = sorted({(role, str(f)) for f_s in files.values() for role, f in f_s.items()})
@@ -184,6 +187,10 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
     fingerprint = dict(protocol=asdict(o) | {"device": device.type}, method=method, sigma=sigma, shard=shard,
                        sigmas=sigmas, p0=p0, alpha_split=alpha_split, sequential=sequential,
                        radii=radii if sequential else None,
+                       # a user's method: its builder and noise stream too (a resume after editing either
+                       # must not mix two methods in one shard); the built-ins' fingerprints are unchanged
+                       **({} if methods.get(method).builtin else {"builder": _spec(methods.get(method).builder),
+                                                                  "noise": stream}),
                        # CUDA's noise (Philox) and rounding depend on the GPU model, the versions, TF32: a
                        # resume on another GPU model or software must not mix two noise streams in one shard
                        arithmetic=arithmetic,
@@ -202,7 +209,7 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
         x = split.float_images(row).to(device)  # (C, H, W)
         start = time.perf_counter()
         if cascade:
-            gens = [noise_generator(o.seed, method, s, idx, device) for s, _ in members]
+            gens = [noise_generator(o.seed, stream, s, idx, device) for s, _ in members]
             r = certify_cascade(members, x, split.num_classes, o.n0, o.n, o.alpha, batch_size, p0, gens,
                                 alpha_split, radii=radii if sequential else None)
             prediction, radius = r.prediction, r.radius
@@ -213,7 +220,7 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
             if sequential:
                 extra.update(sequential=1, radii=" ".join(f"{t:g}" for t in radii))
         elif sequential:
-            gen = noise_generator(o.seed, method, sigma, idx, device)
+            gen = noise_generator(o.seed, stream, sigma, idx, device)
             try:
                 prediction, radius, count_a, p_a, used = smooth.certify_sequential_with_details(
                     x, o.n0, o.n, o.alpha, batch_size, radii, gen)
@@ -222,7 +229,7 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
             extra = dict(sigma=members[0][0], count_a=count_a, p_a_lower=p_a, samples=used,
                          flops=flops[0] * used, sequential=1, radii=" ".join(f"{r:g}" for r in radii))
         else:
-            gen = noise_generator(o.seed, method, sigma, idx, device)
+            gen = noise_generator(o.seed, stream, sigma, idx, device)
             prediction, radius, count_a, p_a = smooth.certify_with_details(x, o.n0, o.n, o.alpha,
                                                                          batch_size, gen)
             extra = dict(sigma=members[0][0], count_a=count_a, p_a_lower=p_a, samples=o.n0 + o.n,
@@ -286,8 +293,49 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _spec(builder) -> str:
+    return builder if isinstance(builder, str) else f"{builder.__module__}:{builder.__qualname__}"
+
+
+def check_output(method: str, sigma: float, model, example, num_classes: int) -> None:
+    """A user's base classifier must map a batch of images like ``example`` (C, H, W) to (batch,
+    num_classes) logits; anything else is one ConfigError naming the method."""
+    import torch
+
+    shape = "x".join(map(str, example.shape))
+    try:
+        with torch.inference_mode():
+            out = model(example.unsqueeze(0))
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's code on a well-formed image
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"method '{method}' at sigma {sigma}: its base classifier fails on a {shape} image "
+                          f"({type(exc).__name__}: {first})") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"method '{method}' at sigma {sigma}: its base classifier returns {got} for one "
+                          f"{shape} image; expected logits of shape (1, {num_classes})")
+
+
+def register_custom(args) -> None:
+    """``--custom_*`` flags: register ``args.method`` as a user's method (rcm.methods.register)."""
+    if not args.custom_base_classifier:
+        if args.custom_models or args.custom_noise or args.custom_sigma_conditioned:
+            raise ConfigError("--custom_models, --custom_noise and --custom_sigma_conditioned need "
+                              "--custom_base_classifier")
+        return
+    models = {}
+    for entry in args.custom_models:
+        role, sep, template = entry.partition("=")
+        if not sep or not role or not template:
+            raise ConfigError(f"--custom_models entry '{entry}': expected ROLE=PATH_TEMPLATE")
+        models[role] = template
+    methods.register(args.method, base_classifier=args.custom_base_classifier, models=models,
+                     sigma_conditioned=args.custom_sigma_conditioned, noise=args.custom_noise, replace=True)
+
+
 def add_arguments(p) -> None:
-    p.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}, or a user's method "
+                                                   "described by the --custom_* flags")
     p.add_argument("--sigma", required=True, help=f"noise level in [0, 1] pixel units, or '{paths.CASCADE}'")
     p.add_argument("--shard", type=int, default=0, help="which shard, 0-based")
     p.add_argument("--sigmas", type=float, nargs="+", default=[], help="cascade scales")
@@ -301,10 +349,20 @@ def add_arguments(p) -> None:
                    help="stop each image's sampling early (Smooth.certify_sequential); n is then n_max")
     add_stage_options(p, CertifyOptions)
     add_options(p, SequentialOptions)
+    custom = p.add_argument_group("a user's method (the workflow's custom_methods; rcm.methods.register)")
+    custom.add_argument("--custom_base_classifier", default="", metavar="MODULE:ATTR",
+                        help="callable(sigma, models: dict[str, Path], device) -> nn.Module")
+    custom.add_argument("--custom_models", nargs="+", default=[], metavar="ROLE=TEMPLATE",
+                        help="the files it reads, as path templates ({sigma}, {results}, {dataset})")
+    custom.add_argument("--custom_sigma_conditioned", action="store_true",
+                        help="one model for every sigma (templates need no {sigma})")
+    custom.add_argument("--custom_noise", default="", metavar="METHOD",
+                        help="draw the noise streams of METHOD (default: the method's own)")
 
 
 def main(args) -> None:
     o = from_args(CertifyOptions, args)
+    register_custom(args)
     out = certify_shard(dataset=args.dataset, results=args.results, method=args.method,
                         sigma=args.sigma, shard=args.shard, o=o, sigmas=args.sigmas, p0=args.p0,
                         alpha_split=args.alpha_split, sequential=args.sequential, radii=args.radii,

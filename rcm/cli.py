@@ -27,6 +27,7 @@ COMMANDS = {
     "plan": ("rcm.plan", "what a configured run costs and whether it fits, before any job starts"),
     "bench": ("rcm.bench", "benchmarks that print numbers (speed, FLOPs)"),
     "bench-sequential": ("rcm.bench_sequential", "fixed-n vs sequential certification on the same images"),
+    "dvc": ("rcm.dvcgen", "write the DVC stages of the config's custom_methods into dvc.yaml"),
 }
 
 

@@ -13,8 +13,16 @@ DATASETS = ("digits", "cifar10", "imagenet")
 # CIFAR-10's raw data as torchvision lays it out: data.root / CIFAR_FOLDER / each of CIFAR_FILES
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
-METHODS = ("gaussian", "dds", "mdds", "rrcm")
 CASCADE = "cascade"  # the "sigma" of a multi-scale cascade certificate
+
+
+def __getattr__(name: str):
+    """``METHODS``: the built-in methods' names, in the registry's order (rcm.methods.BUILTIN)."""
+    if name == "METHODS":
+        from rcm.methods import BUILTIN
+
+        return tuple(m.name for m in BUILTIN)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def fmt_sigma(sigma: float | str) -> str:

@@ -161,21 +161,30 @@ def rrcm(cfg: dict, sigma: float) -> tuple[nn.Module, str]:
 
 
 def base_classifier(cfg: dict, method: str, sigma: float) -> tuple[nn.Module, str]:
-    """The base classifier ``method`` certifies at ``sigma`` under ``cfg``, random weights, eval mode."""
-    torch.manual_seed(0)
-    if method == "gaussian":
-        model, text = classifier(cfg, sigma)
-    elif method in ("dds", "mdds"):
-        from rcm.models.denoiser import DenoisedClassifier
+    """The base classifier ``method`` certifies at ``sigma`` under ``cfg``, random weights, eval mode
+    (the method's ``preset`` builder in rcm.methods)."""
+    from rcm import methods
 
-        den, den_text = denoiser(cfg)
-        clf, clf_text = classifier(cfg, 0.0)
-        model, text = DenoisedClassifier(den, clf, sigma), f"{den_text} + {clf_text}"
-    elif method == "rrcm":
-        model, text = rrcm(cfg, sigma)
-    else:
-        raise ConfigError(f"unknown method '{method}' (known: {', '.join(paths.METHODS)})")
+    entry = methods.get(method)
+    if not entry.preset:
+        raise ConfigError(f"method '{method}' has no preset builder: its cost cannot be measured from a config")
+    torch.manual_seed(0)
+    model, text = methods.resolve(entry.preset, f"method '{method}'")(cfg, sigma)
     return model.eval(), text
+
+
+def noisy_classifier(cfg: dict, sigma: float) -> tuple[nn.Module, str]:
+    """Cohen et al.'s base classifier: the classifier at sigma."""
+    return classifier(cfg, sigma)
+
+
+def denoised_classifier(cfg: dict, sigma: float) -> tuple[nn.Module, str]:
+    """A denoiser, then the clean classifier (dds, mdds)."""
+    from rcm.models.denoiser import DenoisedClassifier
+
+    den, den_text = denoiser(cfg)
+    clf, clf_text = classifier(cfg, 0.0)
+    return DenoisedClassifier(den, clf, sigma), f"{den_text} + {clf_text}"
 
 
 def parameters(model: nn.Module) -> int:

@@ -419,3 +419,21 @@ def test_a_harmonic_cascade_is_named_and_its_weaker_guarantee_warned(tmp_path, c
     assert [e.name for e in load_entries(uniform)] == ["rrcm_cascade"]
     assert cli(["report", *map(str, uniform), "--out", str(tmp_path / "u")]) == 0
     assert "Warning" not in (tmp_path / "u" / "certified_accuracy.md").read_text()
+
+
+def test_a_users_method_is_reported_after_the_built_ins_with_paired_tests(tmp_path):
+    """A method folder that is not a built-in (a custom method's certificates) becomes entries after the
+    four built-ins (then by name), with an oracle and paired tests like theirs."""
+    root = tmp_path / "results"
+    files = [
+        _ours(root, "zeta", 0.25, 0, 1, [(0, 0, 0.4), (1, 1, 0.2)]),
+        _ours(root, "alpha", 0.25, 0, 1, [(0, 0, 0.3), (1, 2, 0.0)]),
+        _ours(root, "rrcm", 0.25, 0, 1, [(0, 0, 0.5), (1, 1, 0.1)]),
+        _ours(root, "dds", 0.25, 0, 1, [(0, 0, 0.5), (1, 1, 0.1)]),
+    ]
+    out = tmp_path / "report"
+    assert cli(["report", *map(str, files), "--radii", "0", "0.25", "--out", str(out)]) == 0
+    table = [row[0] for row in _markdown_tables((out / "certified_accuracy.md").read_text())[0]]
+    assert table == ["dds_sigma_0.25", "rrcm_sigma_0.25", "alpha_sigma_0.25", "zeta_sigma_0.25"]
+    paired = pd.read_csv(out / "paired_tests.csv")
+    assert {"alpha_sigma_0.25", "zeta_sigma_0.25"} <= set(paired["a"]) | set(paired["b"])

@@ -19,7 +19,8 @@ from test_workflow import REPO, TINY, dry_run, make_copy, overlay, run_env, tail
 
 PROFILE = REPO / "profiles/slurm/config.yaml"
 GPU_RULES = {"train_denoiser", "train_classifier", "finetune_denoiser", "pretrain_rrcm",
-             "finetune_rrcm", "certify", "certify_cascade", "certify_sequential", "certify_cascade_sequential"}
+             "finetune_rrcm", "certify", "certify_cascade", "certify_sequential", "certify_cascade_sequential",
+             "certify_custom", "certify_custom_cascade", "certify_custom_sequential"}
 CPU_RULES = {"prepare", "prepare_train", "report", "import_classifier", "import_denoiser", "import_rrcm",
              "import_rrcm_classifier"}
 
@@ -97,7 +98,7 @@ def cpu_only_resources() -> dict[str, dict]:
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_tiny_workflow_runs_on_slurm(slurm_cluster, tmp_path):
-    """Every rule of the tiny config as a SLURM job (one sigma, one shard: 17 jobs, to keep the
+    """Every rule of the tiny config as a SLURM job (one sigma, one shard: 18 jobs, to keep the
     test short on two cores), submitted with the resources the profile gives its rule."""
     repo = make_copy(tmp_path / "repo")
     cascade = {"method": "mdds", "flags": {"sigmas": [0.25], "p0": 0.5}}
@@ -120,7 +121,7 @@ def test_tiny_workflow_runs_on_slurm(slurm_cluster, tmp_path):
     assert (report / "metrics.json").exists() and (report / "certified_accuracy.md").exists()
 
     submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", log)
-    assert len(submitted) == len(re.findall(r"^\s+jobid: \d+$", log, re.M)) - 1 == 17  # all but `all`
+    assert len(submitted) == len(re.findall(r"^\s+jobid: \d+$", log, re.M)) - 1 == 18  # all but `all`
     # what SLURM ran: every rule, one CPU each (--max-threads 1), the rule's memory and time limit
     squeue = subprocess.run(["squeue", "--states=all", "-h", "-o", "%i|%k|%C|%l|%m|%T"],
                             capture_output=True, text=True, check=True).stdout
@@ -132,7 +133,9 @@ def test_tiny_workflow_runs_on_slurm(slurm_cluster, tmp_path):
         seen.add(rule)
         assert (state, cpus) == ("COMPLETED", "1"), (rule, state, cpus)
         assert limit == f"{resources[rule]['runtime']}:00" and memory == f"{resources[rule]['mem_mb']}M", rule
-    # every rule but the imports of pretrained models (their own test runs them: test_workflow_import)
-    assert seen == workflow_rules() - {r for r in CPU_RULES if r.startswith("import_")}
+    # every rule but the imports of pretrained models (their own test runs them: test_workflow_import), and
+    # the cascade and sequential rules of a user's method (the tiny config certifies its method with fixed n)
+    assert seen == workflow_rules() - {r for r in CPU_RULES if r.startswith("import_")} - {
+        "certify_custom_cascade", "certify_custom_sequential"}
 
     assert dry_run(repo, "--configfile", one_of_each) == []  # complete, as far as Snakemake knows

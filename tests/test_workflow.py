@@ -101,7 +101,7 @@ def make_copy(dest: Path, config: str | None = ".test/config.yaml") -> Path:
     config/config.yaml there, so Snakemake and DVC read the same file."""
     dest.mkdir(parents=True)
     ignore = shutil.ignore_patterns("__pycache__", "cache", "tmp", "config.local")
-    for item in ["Snakefile", "workflow", "profiles", "config", ".test", "rcm", "pretrained", "dvc.yaml", ".dvcignore",
+    for item in ["Snakefile", "workflow", "profiles", "config", ".test", "rcm", "examples", "pretrained", "dvc.yaml", ".dvcignore",
                  ".dvc", ".gitignore", "Makefile", "pyproject.toml"]:
         src = REPO / item
         if src.is_dir():
@@ -110,6 +110,10 @@ def make_copy(dest: Path, config: str | None = ".test/config.yaml") -> Path:
             shutil.copy2(src, dest / item)
     if config and config != "config/config.yaml":
         shutil.copy2(dest / config, dest / "config" / "config.yaml")
+    if (yaml.safe_load((dest / "config" / "config.yaml").read_text()) or {}).get("custom_methods"):
+        # dvc.yaml's stages of the config's own methods, as a user writes them (`rcm dvc`)
+        subprocess.run([sys.executable, "-m", "rcm", "dvc"], cwd=dest, check=True, capture_output=True,
+                       env=run_env())
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     return dest
 
@@ -312,7 +316,9 @@ def test_schema_closes_every_object():
     from rcm.paths import METHODS
 
     assert schema["properties"]["dataset"]["enum"] == list(DATASETS)
-    assert schema["$defs"]["method"]["enum"] == list(METHODS)
+    # a method is a built-in or a custom_methods name: the schema checks the spelling, rcm.methods the rest
+    method = re.compile(schema["$defs"]["method"]["pattern"])
+    assert all(method.fullmatch(m) for m in METHODS)
 
 
 @pytest.mark.parametrize("path", CONFIGS + ["config/cifar10-cohen.yaml", "config/cifar10-dds.yaml",
@@ -483,6 +489,81 @@ def test_a_sequential_method_certifies_its_cascade_sequentially(fresh, tmp_path)
     assert seq <= set(report.inputs)
 
 
+MINE = {"base_classifier": "examples.custom_method.method:build", "models": {"net": "models/mine_sigma_{sigma}.pt"},
+        "train": "{python} -c 'import sys; open(sys.argv[1], \"w\").write(sys.argv[2])' {output} {sigma}"}
+
+
+def test_a_custom_method_trains_certifies_cascades_and_runs_sequentially(tmp_path):
+    """A user's method from the config: one job per sigma runs its `train` command ({output}, {sigma}
+    filled in); its certificates (fixed n per sigma and shard, its cascade, its sequential ones) read
+    those files and its builder's source, carry its --custom_* flags, and join the report."""
+    from rcm import methods, paths
+
+    repo = make_copy(tmp_path / "repo")
+    cfg = load_config(repo / "config/config.yaml")
+    data = {"custom_methods": {"mine": MINE}, "methods": cfg["methods"] + ["mine"],
+            "cascades": cfg["cascades"] + [{"method": "mine", "flags": {"sigmas": [0.5, 0.25], "p0": 0.5}}],
+            "sequential_methods": ["gaussian", "mine"]}
+    mine = overlay(tmp_path, "mine", data)
+    jobs = dry_run(repo, "--configfile", mine)
+    train = sorted((j for j in jobs if j.rule == "train_mine_net"), key=lambda j: j.outputs)
+    assert [j.outputs for j in train] == [("models/mine_sigma_0.25.pt",), ("models/mine_sigma_0.5.pt",)]
+    assert train[0].shell.startswith(f"({sys.executable} -c 'import sys; open(sys.argv[1], \"w\")")
+    assert train[0].shell.endswith(f" models/mine_sigma_0.25.pt 0.25) > {TINY}/digits/logs/train_mine/net_sigma_0.25.log 2>&1")
+    # the job runs the command as written, {output} and {sigma} filled in
+    r = snakemake(repo, "--cores", "1", "models/mine_sigma_0.5.pt", "--configfile", mine)
+    assert r.returncode == 0, tail(r)
+    assert (repo / "models/mine_sigma_0.5.pt").read_text() == "0.5"
+    shards = cfg["certify"]["shards"]
+    by_rule = lambda rule: [j for j in jobs if j.rule == rule and "/mine/" in j.outputs[0]]  # noqa: E731
+    fixed, cascade, sequential = (by_rule(r) for r in ("certify_custom", "certify_custom_cascade",
+                                                       "certify_custom_sequential"))
+    assert (len(fixed), len(cascade), len(sequential)) == (2 * shards, shards, 2 * shards)
+    assert not [j for j in jobs if j.rule in ("certify", "certify_cascade", "certify_sequential")
+                and "/mine/" in j.outputs[0]]
+    for job in fixed + cascade + sequential:
+        assert "examples/custom_method/method.py" in job.inputs
+        want = {"models/mine_sigma_0.25.pt", "models/mine_sigma_0.5.pt"}
+        got = {f for f in job.inputs if f.startswith("models/")}
+        assert got == want if job in cascade else len(got) == 1 and got <= want
+        args = parse_rcm(rcm_tokens(job.shell))
+        assert (args.method, args.custom_base_classifier, args.custom_models) == (
+            "mine", MINE["base_classifier"], ["net=models/mine_sigma_{sigma}.pt"])
+        assert args.sequential == (job in sequential) and (args.sigma == "cascade") == (job in cascade)
+    (report,) = [j for j in jobs if j.rule == "report"]
+    assert {o for j in fixed + cascade + sequential for o in j.outputs} <= set(report.inputs)
+    assert str(paths.certificate(TINY, "digits", "mine", "cascade", 0, shards)) in report.inputs
+    # DVC: `rcm dvc` writes the train and fixed-n stages, and says which parts only Snakemake runs
+    merged = {**cfg, **data}
+    from rcm import dvcgen
+
+    with pytest.raises(Exception, match=r"^cascades.1.method: dvc.yaml's certify-cascade stage cannot"):
+        dvcgen.stages(merged, [])
+    text = dvcgen.stages({**merged, "cascades": cfg["cascades"], "sequential_methods": []}, ["rcm/certify.py"])
+    assert "train-mine-net:\n    foreach: ${sigmas}" in text and " models/mine_sigma_${item}.pt ${item}" in text
+    methods.unregister("mine")
+
+
+def test_dvc_yaml_is_what_rcm_dvc_writes_for_the_default_config(tmp_path):
+    """dvc.yaml as committed is `rcm dvc`'s output for config/config.yaml (no custom methods: the
+    hand-written stages alone); the tiny config's own method adds its stages after the marker, and
+    writing again, or for the default config, gives back the same files."""
+    from rcm import dvcgen
+
+    committed = (REPO / "dvc.yaml").read_text()
+    assert dvcgen.render(committed, load_config(REPO / "config/config.yaml")) == committed
+    tiny = dvcgen.render(committed, load_config(REPO / ".test/config.yaml"))
+    assert tiny.startswith(committed) and dvcgen.MARKER in tiny and "  certify-median:" in tiny
+    assert dvcgen.render(tiny, load_config(REPO / ".test/config.yaml")) == tiny
+    assert dvcgen.render(tiny, load_config(REPO / "config/config.yaml")) == committed
+    repo = make_copy(tmp_path / "repo", config=None)
+    r = subprocess.run([sys.executable, "-m", "rcm", "dvc", "--check"], cwd=repo, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    shutil.copy2(REPO / ".test/config.yaml", repo / "config/config.yaml")
+    r = subprocess.run([sys.executable, "-m", "rcm", "dvc", "--check"], cwd=repo, capture_output=True, text=True)
+    assert r.returncode == 1 and "run `rcm dvc`" in r.stderr
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_command_parses_with_the_stage_flags(tmp_path, config):
     """Each job's command parses with `rcm`'s own parser, and every flag comes back as the config
@@ -576,6 +657,36 @@ BAD_CONFIGS = {
     "missing pretrained denoiser": ({"denoiser": {"pretrained": "no/such/ddpm"}}, "denoiser.pretrained"),
     "missing baseline log": ({"report": {"baselines": ["cohen=no/such/sigma_0.25"]}},
                              "report.baselines.0: 'no/such/sigma_0.25' is not a file"),
+    # a user's method (custom_methods): each problem one line naming the key, before any job
+    "custom method of an unknown module": (
+        {"custom_methods": {"mine": {"base_classifier": "no_such_pkg.smoothing:build",
+                                     "models": {"net": "models/mine_sigma_{sigma}.pt"}}}},
+        "custom_methods.mine.base_classifier: cannot import module 'no_such_pkg.smoothing'"),
+    "custom method of an unknown attribute": (
+        {"custom_methods": {"mine": {"base_classifier": "examples.custom_method.method:nope",
+                                     "models": {"net": "models/mine_sigma_{sigma}.pt"}}}},
+        "custom_methods.mine.base_classifier: module 'examples.custom_method.method' has no attribute 'nope'"),
+    "custom builder of the wrong signature": (
+        {"custom_methods": {"mine": {"base_classifier": "examples.custom_method.method:kernel_size",
+                                     "models": {"net": "models/mine_sigma_{sigma}.pt"}}}},
+        "custom_methods.mine.base_classifier: kernel_size(sigma: 'float') -> 'int' must take (sigma, models, device)"),
+    "per-sigma custom model without {sigma}": (
+        {"custom_methods": {"mine": {"base_classifier": "examples.custom_method.method:build",
+                                     "models": {"net": "models/mine.pt"}}}},
+        "custom_methods.mine.models.net: 'models/mine.pt' has no {sigma}"),
+    "custom method named as a built-in": (
+        {"custom_methods": {"dds": {"base_classifier": "examples.custom_method.method:build",
+                                    "models": {"net": "models/dds_sigma_{sigma}.pt"}}}},
+        "custom_methods.dds: 'dds' is a built-in method's name"),
+    "custom train command without {output}": (
+        {"custom_methods": {"mine": {"base_classifier": "examples.custom_method.method:build",
+                                     "models": {"net": "models/mine_sigma_{sigma}.pt"},
+                                     "train": "python -m mypkg.train --sigma {sigma}"}}},
+        "custom_methods.mine.train: 'python -m mypkg.train --sigma {sigma}' has no {output}"),
+    "a method nobody defined": ({"methods": ["gaussian", "dds", "mdds", "mine"]},
+                                "methods.3: 'mine' is no method"),
+    "a batch size of a custom method": ({"certify": {"batch_sizes": ["median=10"]}},
+                                        "certify.batch_sizes.0: 'median=10': a user's method takes certify.batch_size"),
 }
 
 

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import pandas as pd
 
+from rcm import methods
 from rcm.certificate import merge_shards
 from rcm.errors import CertificateError
 from rcm.paths import CASCADE, METHODS, SEQUENTIAL, fmt_sigma, parse_baseline  # noqa: F401 - re-exported
@@ -185,13 +186,13 @@ def load_entries(files: Sequence[str | Path], baselines: Sequence[str | Path] = 
 
 
 def _ordered(entries: list[Entry]) -> list[Entry]:
-    """Our methods first (METHODS order; fixed n, then sequential; sigma ascending, cascade last),
-    then other files as given, then baselines as given."""
+    """Our methods first (the built-ins in registry order, then any other method by name; fixed n, then
+    sequential; sigma ascending, cascade last), then other files as given, then baselines as given."""
     def key(item: tuple[int, Entry]):
         pos, e = item
         if e.baseline or e.method is None:
             return (2 if e.baseline else 1, 0, "", False, 0.0, pos)
-        rank = METHODS.index(e.method) if e.method in METHODS else len(METHODS)
+        rank = methods.rank(e.method)
         sigma = e.sigma if isinstance(e.sigma, float) else math.inf
         return (0, rank, e.method, e.sequential, sigma, pos)
     return [e for _, e in sorted(enumerate(entries), key=key)]

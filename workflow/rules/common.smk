@@ -10,7 +10,7 @@ import jsonschema
 import yaml
 from snakemake.utils import update_config
 
-from rcm import paths
+from rcm import methods, paths
 from rcm.importers import check_source, denoiser_format, is_placeholder, noisy_sources, parse_noisy_entry
 from rcm.errors import ConfigError as RcmConfigError
 from rcm.paths import parse_baseline
@@ -54,6 +54,7 @@ def _semantic_errors(cfg: dict) -> list[str]:
                 lines.append(f"{name}.{i}: write the noise level {s} as a float ({float(s)!r})")
         if len(set(values)) != len(values):
             lines.append(f"{name}: a noise level is listed twice: {values}")
+    lines += _method_errors(cfg)
     if len(set(cfg["methods"])) != len(cfg["methods"]):
         lines.append(f"methods: a method is listed twice: {cfg['methods']}")
     if not cfg["methods"] and not cfg["sequential_methods"]:
@@ -65,7 +66,11 @@ def _semantic_errors(cfg: dict) -> list[str]:
     named = set()
     for i, entry in enumerate(cfg["certify"]["batch_sizes"]):
         method = entry.partition("=")[0]
-        if method not in paths.METHODS:
+        if method not in paths.METHODS and method in methods.names():
+            # every certify job reads the whole list, and the built-ins' jobs do not know a user's method
+            lines.append(f"certify.batch_sizes.{i}: '{entry}': a user's method takes certify.batch_size (per-method "
+                         "batch sizes are for the built-in methods)")
+        elif method not in methods.names():
             lines.append(f"certify.batch_sizes.{i}: '{entry}' names no method (known: {', '.join(paths.METHODS)})")
         elif method in named:
             lines.append(f"certify.batch_sizes.{i}: '{method}' is given a batch size twice")
@@ -91,6 +96,24 @@ def _semantic_errors(cfg: dict) -> list[str]:
                      f"got {cfg['sequential_cascades']}")
     lines += _noisy_errors(cfg)
     lines += _path_errors(cfg)
+    return lines
+
+
+def _method_errors(cfg: dict) -> list[str]:
+    """custom_methods checked and registered (rcm.methods: each problem one line naming the key), then
+    every method the grid names must be a built-in or one of them."""
+    try:
+        methods.register_config(cfg.get("custom_methods") or {})
+    except RcmConfigError as exc:
+        return [str(exc)]
+    lines, known = [], methods.names()
+    named = [(f"methods.{i}", m) for i, m in enumerate(cfg["methods"])]
+    named += [(f"sequential_methods.{i}", m) for i, m in enumerate(cfg["sequential_methods"])]
+    named += [(f"cascades.{i}.method", c["method"]) for i, c in enumerate(cfg["cascades"])]
+    for key, name in named:
+        if name not in known:
+            lines.append(f"{key}: '{name}' is no method (built-in: {', '.join(paths.METHODS)}; a method of your "
+                         "own is defined under custom_methods)")
     return lines
 
 
@@ -195,12 +218,35 @@ def something_trains(cfg: dict) -> bool:
     sigmas = {paths.fmt_sigma(s) for s in cfg["sigmas"]}
     if "mdds" in methods:
         return True
+    if any(_custom_trains(cfg, m, sigmas) for m in methods if m not in paths.METHODS):
+        return True
     if "dds" in methods and (is_placeholder(cfg["denoiser"]["pretrained"])
                              or is_placeholder(cfg["classifier"]["pretrained"])):
         return True
     if "gaussian" in methods and not set(_noisy(cfg, "classifier")) >= sigmas:
         return True
     return "rrcm" in methods and not set(_noisy(cfg, "rrcm_finetune")) >= sigmas
+
+
+def _custom_trains(cfg: dict, name: str, sigmas: set[str]) -> bool:
+    """Whether a user's method needs a training job: a `train` command of its own, or a file that a
+    built-in training rule makes (e.g. the clean classifier) and the config does not import."""
+    try:
+        method = methods.get(name)
+    except RcmConfigError:
+        return False
+    if method.train:
+        return True
+    results, dataset = cfg["results"], cfg["dataset"]
+    imported = {str(paths.classifier(results, dataset, s)) for s in set(_noisy(cfg, "classifier"))}
+    if not is_placeholder(cfg["classifier"]["pretrained"]):
+        imported.add(str(paths.classifier(results, dataset, 0.0)))
+    if not is_placeholder(cfg["denoiser"]["pretrained"]):
+        imported.add(str(paths.denoiser(results, dataset)))
+    imported |= {str(paths.rrcm_finetuned(results, dataset, s)) for s in set(_noisy(cfg, "rrcm_finetune"))}
+    models = str(paths.model_dir(results, dataset))
+    return any(str(f).startswith(models + os.sep) and str(f) not in imported
+               for s in sigmas for f in method.files(s, results, dataset).values())
 
 
 def _noisy(cfg: dict, section: str) -> dict[str, str]:
@@ -315,6 +361,8 @@ SHARDS = config["certify"]["shards"]
 CASCADES = {c["method"]: c for c in config["cascades"]}
 SEQUENTIAL_METHODS = config["sequential_methods"]
 SEQUENTIAL_CASCADES = [m for m in CASCADES if m in SEQUENTIAL_METHODS]  # = config["sequential_cascades"] (checked)
+# the users' methods the config defines (registered in rcm.methods by the validation above)
+CUSTOM = {name: methods.get(name) for name in (config.get("custom_methods") or {})}
 BASELINE_FILES = [str(parse_baseline(item)[1]) for item in config["report"]["baselines"]]
 # the models imported instead of trained: sigma text -> source (classifiers), or the source (others)
 IMPORTED_CLASSIFIERS = {
@@ -328,7 +376,7 @@ IMPORTED_RRCM = "" if is_placeholder(config["rrcm_pretrain"]["pretrained"]) else
 
 
 wildcard_constraints:
-    method="|".join(paths.METHODS),
+    method="|".join(methods.names()),
     sigma=r"\d+\.\d+",
     shard=r"\d+",
 
@@ -479,12 +527,27 @@ def bench(rule: str, name: str = "") -> str:
 
 
 def models(method: str, sigma: str) -> list[str]:
-    """Checkpoints the base classifier of `method` at `sigma` loads (rcm.models.factory.checkpoints)."""
-    if method == "gaussian":
-        return [str(paths.classifier(R, D, sigma))]
-    if method in ("dds", "mdds"):
-        return [str(paths.denoiser(R, D, finetuned=method == "mdds")), str(paths.classifier(R, D, 0.0))]
-    return [str(paths.rrcm_finetuned(R, D, sigma))]
+    """Checkpoints the base classifier of `method` at `sigma` loads (rcm.methods: its files)."""
+    return [str(f) for f in methods.files(method, sigma, R, D).values()]
+
+
+def custom_code(method: str) -> list[str]:
+    """The source file of a user's method's builder, when it lies under the working directory: editing
+    it reruns that method's certification (as CODE does for the built-ins)."""
+    source = methods.source_file(CUSTOM[method])
+    return [source] if source else []
+
+
+def custom_flags(method: str) -> str:
+    """`rcm certify`'s --custom_* flags describing a user's method (rcm.certify.register_custom)."""
+    m = CUSTOM[method]
+    out = [f"--custom_base_classifier {shlex.quote(m.builder if isinstance(m.builder, str) else '')}",
+           "--custom_models " + " ".join(shlex.quote(f"{r}={t}") for r, t in m.templates.items())]
+    if m.sigma_conditioned:
+        out.append("--custom_sigma_conditioned")
+    if m.noise:
+        out.append(f"--custom_noise {shlex.quote(m.noise)}")
+    return " ".join(out)
 
 
 def certify_models(wildcards) -> list[str]:

@@ -1,0 +1,1 @@
+"""Examples that run inside rcm's workflow (each folder says how)."""
