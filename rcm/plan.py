@@ -765,6 +765,22 @@ def make_plan(files: list[str], device: str = "a100-80gb", precision: str | None
     return plan_config(cfg, files, device, precision, profile, calibration, only)
 
 
+def _builtin_methods_only(cfg: dict, notes: list[str]) -> dict:
+    """``cfg`` without the methods of ``custom_methods``: the plan knows the built-in methods' networks
+    (rcm.presets), not a user's; a note names those left out."""
+    custom = set(cfg.get("custom_methods") or {})
+    every = set(cfg["methods"]) | set(cfg.get("sequential_methods", [])) | {c["method"] for c in cfg["cascades"]}
+    if not custom & every:
+        return cfg
+    notes.append(f"not planned: {', '.join(sorted(custom & every))} (a user's method: rcm plan knows the "
+                 "built-in methods' networks only)")
+    keep = lambda m: m not in custom  # noqa: E731
+    return {**cfg, "methods": [m for m in cfg["methods"] if keep(m)],
+            "sequential_methods": [m for m in cfg.get("sequential_methods", []) if keep(m)],
+            "cascades": [c for c in cfg["cascades"] if keep(c["method"])],
+            "sequential_cascades": [c for c in cfg.get("sequential_cascades", []) if keep(c["method"])]}
+
+
 def plan_config(cfg: dict, files: list[str], device: str = "a100-80gb", precision: str | None = None,
                 profile: str | Path = "profiles/slurm/config.yaml", calibration: dict | None = None,
                 only: str | None = None) -> Plan:
@@ -773,6 +789,7 @@ def plan_config(cfg: dict, files: list[str], device: str = "a100-80gb", precisio
 
     notes: list[str] = []
     cfg = _without_downloads(cfg, notes)
+    cfg = _builtin_methods_only(cfg, notes)
     if only and only not in {j["rule"] for j in jobs(cfg)}:
         known = sorted({j["rule"] for j in jobs(cfg)})
         raise ConfigError(f"no rule '{only}' in this config's DAG (rules with a device: {', '.join(known)})")

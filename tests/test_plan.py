@@ -286,14 +286,14 @@ def test_cpu_plan_predicts_certification_seconds_within_30_percent(digits_result
 
 
 def test_a_real_run_prints_the_plan_first_and_a_dry_run_does_not(tmp_path):
-    from test_workflow import make_copy, run_env
+    from test_workflow import TINY, make_copy, run_env
 
     repo = make_copy(tmp_path / "repo")
     env = dict(run_env(), RCM_PLAN="a100-80gb")
     dry = subprocess.run([sys.executable, "-m", "snakemake", "-n"], cwd=repo, env=env, capture_output=True,
                          text=True, timeout=600)
     assert dry.returncode == 0 and "rcm plan on" not in dry.stdout + dry.stderr
-    real = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", "results/digits/data/test.pt"],
+    real = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", f"{TINY}/digits/data/test.pt"],
                           cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert real.returncode == 0, real.stderr[-2000:]
     assert real.stdout.splitlines()[0].startswith("rcm plan on a100-80gb: "), real.stdout[:500]

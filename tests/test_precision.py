@@ -105,7 +105,7 @@ def test_noise_must_stay_float32_an_unsound_variant_certifies_the_wrong_class():
 def test_certificates_record_amp_and_each_methods_batch_size(digits_results, monkeypatch):
     nets = {}
 
-    def stub(method, sigma, results, dataset, device):
+    def stub(method, sigma, results, dataset, device, **kwargs):
         nets[method] = SmallConvNet(seed=int(sigma * 100))
         return nets[method]
 

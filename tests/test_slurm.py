@@ -104,7 +104,8 @@ def test_tiny_workflow_runs_on_slurm(slurm_cluster, tmp_path):
     cascade = {"method": "mdds", "flags": {"sigmas": [0.25], "p0": 0.5}}
     one_of_each = overlay(tmp_path, "one_of_each", {
         "sigmas": [0.25], "shard_ids": [0], "certify": {"shards": 1},
-        "cascades": [cascade], "sequential_cascades": [cascade]})
+        "cascades": [cascade], "sequential_cascades": [cascade],
+        "report": {"planned": ["mdds_sigma_0.25:dds_sigma_0.25"]}})   # the tiny config's pair is at sigma 0.5
     resources = cpu_only_resources()
     args = ["--executor", "slurm", "--profile", "profiles/slurm",
             # no slurmdbd here: no sacct, and no account to charge

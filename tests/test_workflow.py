@@ -183,8 +183,8 @@ def dry_run(cwd: Path, *args: str) -> list[Job]:
 
 
 def rcm_tokens(cmd: str) -> list[str]:
-    """A command as `rcm` tokens (Snakemake's `<python> -m rcm` as `rcm`, and a torchrun launch of it
-    as `rcm`), without `--threads N`, the log redirection and the hiding of GPUs from a job that asked
+    """A command as `rcm` tokens (Snakemake's `<python> -m rcm` as `rcm`, and a torchrun launch of it,
+    on one node or under srun on several, as `rcm`), without `--threads N`, the log redirection and the hiding of GPUs from a job that asked
     for none (`CUDA_VISIBLE_DEVICES=`: DVC runs one stage at a time and counts no GPUs)."""
     tokens = shlex.split(cmd)
     if tokens[0] == "CUDA_VISIBLE_DEVICES=":
@@ -194,6 +194,10 @@ def rcm_tokens(cmd: str) -> list[str]:
         assert check == ["rcm", "plan", "--config", "config/config.yaml", "--check"], cmd
     if ">" in tokens:
         tokens = tokens[:tokens.index(">")]
+    if tokens[0] == "srun":  # a multi-node stage: srun's flags, then one torchrun agent per node
+        tokens = tokens[tokens.index(sys.executable):]
+        assert tokens[1:4] == ["-m", "torch.distributed.run", "--nnodes"], cmd
+        tokens = [tokens[0], *tokens[tokens.index("rcm") - 1:]]
     if tokens[1:3] == ["-m", "torch.distributed.run"]:
         assert tokens[3:5] == ["--standalone", "--nproc_per_node"] and tokens[6:8] == ["-m", "rcm"], cmd
         tokens = [tokens[0], *tokens[6:]]
@@ -503,7 +507,7 @@ def test_a_custom_method_trains_certifies_cascades_and_runs_sequentially(tmp_pat
     cfg = load_config(repo / "config/config.yaml")
     data = {"custom_methods": {"mine": MINE}, "methods": cfg["methods"] + ["mine"],
             "cascades": cfg["cascades"] + [{"method": "mine", "flags": {"sigmas": [0.5, 0.25], "p0": 0.5}}],
-            "sequential_methods": ["gaussian", "mine"]}
+            "sequential_methods": ["gaussian", "mine"], "sequential_cascades": []}  # a user's cascade: fixed n only
     mine = overlay(tmp_path, "mine", data)
     jobs = dry_run(repo, "--configfile", mine)
     train = sorted((j for j in jobs if j.rule == "train_mine_net"), key=lambda j: j.outputs)
@@ -905,15 +909,16 @@ def test_added_sigma_runs_only_its_jobs(tiny_run, tmp_path):
     repo = clone(tiny_run.path, tmp_path / "repo")
     _edit_config(repo, lambda c: c.update(sigmas=c["sigmas"] + [1.0]))
     jobs = dry_run(repo)
-    assert {j.rule for j in jobs} == {"train_classifier", "finetune_rrcm", "certify", "certify_sequential",
-                                      "report"}
+    assert {j.rule for j in jobs} == {"train_classifier", "finetune_rrcm", "certify", "certify_custom",
+                                      "certify_sequential", "report"}
     new = [o for j in jobs if j.rule != "report" for o in j.outputs]
     assert all("sigma_1.0" in o for o in new), new
-    # four methods, and sequential gaussian and mdds, two shards (the cascade's scales are unchanged)
-    assert len([o for o in new if "/certify/" in o]) == (4 + 2) * 2
+    # four methods and the example's median, and sequential gaussian and mdds, two shards (the
+    # cascade's scales are unchanged)
+    assert len([o for o in new if "/certify/" in o]) == (5 + 2) * 2
     changed = dvc_changed(repo)
     assert changed == {"train-classifier@1.0", "finetune-rrcm@1.0"} | {
-        f"certify-{m}@1.0-{k}" for m in ("gaussian", "dds", "mdds", "rrcm") for k in (0, 1)} | {
+        f"certify-{m}@1.0-{k}" for m in ("gaussian", "dds", "mdds", "rrcm", "median") for k in (0, 1)} | {
         f"certify-sequential@{m}-1.0-{k}" for m in ("gaussian", "mdds") for k in (0, 1)}
 
 
@@ -922,11 +927,11 @@ def test_changed_certify_n_reruns_certification_not_training(tiny_run, tmp_path)
     repo = clone(tiny_run.path, tmp_path / "repo")
     _edit_config(repo, lambda c: c["certify"].update(n=60))
     jobs = dry_run(repo)
-    assert {j.rule for j in jobs} == {"certify", "certify_cascade", "certify_sequential",
+    assert {j.rule for j in jobs} == {"certify", "certify_custom", "certify_cascade", "certify_sequential",
                                       "certify_cascade_sequential", "report"}
-    assert len(jobs) == 16 + 2 + 8 + 2 + 1
+    assert len(jobs) == 16 + 4 + 2 + 8 + 2 + 1
     changed = dvc_changed(repo)
-    assert changed and all(name.startswith("certify-") for name in changed) and len(changed) == 28
+    assert changed and all(name.startswith("certify-") for name in changed) and len(changed) == 28 + 4
 
 
 @pytest.mark.slow
@@ -1057,18 +1062,18 @@ def test_config_overrides_rerun_only_what_depends_on_them(tiny_run):
     """`--config` is how a user reruns one setting: n changes certification and the report only; a
     smaller sigma grid (and no cascade) leaves only the report to redo, over fewer certificates."""
     jobs = dry_run(tiny_run.path, "--config", 'certify={"n": 100}')
-    assert {j.rule for j in jobs} == {"certify", "certify_cascade", "certify_sequential",
+    assert {j.rule for j in jobs} == {"certify", "certify_custom", "certify_cascade", "certify_sequential",
                                       "certify_cascade_sequential", "report"}
-    assert len(jobs) == 16 + 2 + 8 + 2 + 1
+    assert len(jobs) == 16 + 4 + 2 + 8 + 2 + 1
     assert all(vars(parse_rcm(rcm_tokens(j.shell)))["n"] == 100 for j in jobs if j.rule.startswith("certify"))
     jobs = dry_run(tiny_run.path, "--config", "sigmas=[0.25]", "cascades=[]", "sequential_cascades=[]")
     assert [j.rule for j in jobs] == ["report"]
     certificates = [f for f in jobs[0].inputs if f.endswith(".tsv")]
-    assert len(certificates) == (4 + 2) * 2 and all("/sigma_0.25" in f for f in certificates)
+    assert len(certificates) == (5 + 2) * 2 and all("/sigma_0.25" in f for f in certificates)
     # a data key reprepares only the part that reads it: the test split's `skip` retrains nothing...
     jobs = dry_run(tiny_run.path, "--config", 'data={"skip": 2}')
-    assert {j.rule for j in jobs} == {"prepare", "certify", "certify_cascade", "certify_sequential",
-                                      "certify_cascade_sequential", "report"}
+    assert {j.rule for j in jobs} == {"prepare", "certify", "certify_custom", "certify_cascade",
+                                      "certify_sequential", "certify_cascade_sequential", "report"}
     # ...and the training splits' `val_fraction` trains again, on the same test split
     rules = {j.rule for j in dry_run(tiny_run.path, "--config", 'data={"val_fraction": 0.2}')}
     assert "prepare_train" in rules and "train_classifier" in rules and "prepare" not in rules
@@ -1084,8 +1089,9 @@ def test_dvc_plots_draw_a_curve_per_entry(tiny_run):
     series = {row["name"] for row in content["data"]["values"]}
     tidy = pd.read_csv(tiny_run.path / f"{TINY}/digits/report/certified_accuracy.csv")
     assert series == set(tidy[tidy.kind != "envelope"].name)
-    # four methods and sequential gaussian and mdds at two sigmas, the mdds cascade fixed-n and sequential
-    assert len(series) == (4 + 2) * 2 + 2
+    # four methods and the example's median, sequential gaussian and mdds at two sigmas, the mdds
+    # cascade fixed-n and sequential
+    assert len(series) == (5 + 2) * 2 + 2
     assert {"gaussian_sigma_0.25_sequential", "gaussian_sigma_0.5_sequential", "mdds_cascade_sequential"} <= series
 
 

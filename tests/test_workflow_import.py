@@ -29,6 +29,7 @@ def write_cohen(repo, path, seed):
 def imports_config(repo) -> dict:
     cfg = yaml.safe_load((repo / "config/config.yaml").read_text())
     cfg.update(dataset="cifar10", methods=["gaussian", "dds", "rrcm"], sigmas=[0.25], cascades=[], sequential_methods=[],
+               sequential_cascades=[],
                shard_ids=[0])
     cfg["data"].update(root="cifar", unverified=True)
     cfg["certify"].update(n0=10, n=20, batch_size=20, shards=1, max_images=4)
