@@ -437,3 +437,19 @@ def test_a_users_method_is_reported_after_the_built_ins_with_paired_tests(tmp_pa
     assert table == ["dds_sigma_0.25", "rrcm_sigma_0.25", "alpha_sigma_0.25", "zeta_sigma_0.25"]
     paired = pd.read_csv(out / "paired_tests.csv")
     assert {"alpha_sigma_0.25", "zeta_sigma_0.25"} <= set(paired["a"]) | set(paired["b"])
+
+
+def test_a_planned_pair_whose_entry_was_not_certified_is_left_out_and_said(tmp_path, capsys):
+    """A run of fewer sigmas or methods than the config plans for (a one-sigma check, a preset on a
+    CPU) reports what it has: the planned pairs it can test, and one line naming those it cannot."""
+    root = tmp_path / "results"
+    files = [_ours(root, "gaussian", 0.25, 0, 1, _images(set(range(60)))),
+             _ours(root, "dds", 0.25, 0, 1, _images(set(range(52))))]
+    out = tmp_path / "report"
+    assert cli(["report", *map(str, files), "--planned", "dds_sigma_0.25:gaussian_sigma_0.25",
+                "mdds_sigma_0.5:dds_sigma_0.5", "--out", str(out)]) == 0
+    assert ("planned comparisons left out, an entry of each is not in this report: mdds_sigma_0.5:dds_sigma_0.5"
+            in capsys.readouterr().err)
+    paired = pd.read_csv(out / "paired_tests.csv")
+    assert {frozenset(p) for p in zip(paired[paired.planned].a, paired[paired.planned].b)} == {
+        frozenset({"dds_sigma_0.25", "gaussian_sigma_0.25"})}

@@ -89,7 +89,6 @@ def _semantic_errors(cfg: dict) -> list[str]:
             lines.append(f"cascades.{i}.flags.sigmas: {missing} not in sigmas {cfg['sigmas']} "
                          "(the per-sigma models of a cascade are those of `sigmas`)")
     lines += _device_errors(cfg)
-    lines += _planned_errors(cfg)
     # a built-in's cascade only: a user's method (custom_methods) has no sequential-cascade rule yet
     wanted = [c for c in cfg["cascades"] if c["method"] in cfg["sequential_methods"] and c["method"] in paths.METHODS]
     if cfg["sequential_cascades"] != wanted:
@@ -116,25 +115,6 @@ def _method_errors(cfg: dict) -> list[str]:
         if name not in known:
             lines.append(f"{key}: '{name}' is no method (built-in: {', '.join(paths.METHODS)}; a method of your "
                          "own is defined under custom_methods)")
-    return lines
-
-
-def _planned_errors(cfg: dict) -> list[str]:
-    """`report.planned` pairs must name entries this config's report will hold (else the report job
-    fails after every certificate is done): certified entries (as rcm.report.entries names them) and
-    baselines."""
-    fmt = paths.fmt_sigma
-    names = {f"{m}_sigma_{fmt(s)}" for m in cfg["methods"] for s in cfg["sigmas"]}
-    names |= {f"{m}_sigma_{fmt(s)}_sequential" for m in cfg["sequential_methods"] for s in cfg["sigmas"]}
-    names |= {f"{c['method']}_cascade" for c in cfg["cascades"]}
-    names |= {f"{c['method']}_cascade_sequential" for c in cfg["sequential_cascades"]}
-    names |= {parse_baseline(item)[0] or parse_baseline(item)[1].stem for item in cfg["report"]["baselines"]}
-    lines = []
-    for i, pair in enumerate(cfg["report"].get("planned", [])):
-        for name in str(pair).split(":"):
-            if name and name not in names:
-                lines.append(f"report.planned.{i}: '{name}' is not an entry this config certifies "
-                             f"(e.g. {', '.join(sorted(names)[:6])}, ...)")
     return lines
 
 
