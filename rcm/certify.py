@@ -27,6 +27,7 @@ from rcm.certificate import write_certificate
 from rcm.data import load_split
 from rcm.errors import ConfigError
 from rcm.flops import flops_per_sample
+from rcm.importers import sha256
 from rcm.models.factory import METHODS, base_classifier, checkpoints
 from rcm.options import add_options, add_stage_options, from_args, option, resolve_device
 from rcm.partial import PartialRows, file_stamp
@@ -182,8 +183,8 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
     smooth = None if cascade else Smooth(members[0][1], split.num_classes, members[0][0])
     alpha_guaranteed = guaranteed_alpha(o.alpha, len(members), alpha_split) if cascade else None
     used = sorted({(role, str(f)) for f_s in files.values() for role, f in f_s.items()})
-    models_used = " ".join(f"{role}={f}@{sha256_of(f) if Path(f).is_file() else 'absent'}" for role, f in used)
-    models = sorted({f for _, f in used})
+    models_used = " ".join(f"{role}={f}@{sha256(f) if Path(f).is_file() else 'absent'}" for role, f in used)
+    model_paths = sorted({f for _, f in used})
     fingerprint = dict(protocol=asdict(o) | {"device": device.type}, method=method, sigma=sigma, shard=shard,
                        sigmas=sigmas, p0=p0, alpha_split=alpha_split, sequential=sequential,
                        radii=radii if sequential else None,
@@ -194,7 +195,7 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
                        # CUDA's noise (Philox) and rounding depend on the GPU model, the versions, TF32: a
                        # resume on another GPU model or software must not mix two noise streams in one shard
                        arithmetic=arithmetic,
-                       files=[file_stamp(f) for f in models + [str(paths.prepared(results, dataset, "test"))]
+                       files=[file_stamp(f) for f in model_paths + [str(paths.prepared(results, dataset, "test"))]
                               if Path(f).exists()])
     partial = PartialRows(out, fingerprint)
     records = []
@@ -281,16 +282,6 @@ def model_files(method: str, sigma: float, results: str, dataset: str, models: d
         if not Path(f).is_file():
             raise ConfigError(f"--model {role}={f}: no such file")
     return {**files, **{role: Path(f) for role, f in models.items()}}
-
-
-def sha256_of(path: str | Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _spec(builder) -> str:

@@ -248,13 +248,6 @@ def local(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return t.narrow(dim, lo, hi - lo)
 
 
-def row_seed(seed: int, stream: int, row: int) -> int:
-    """The seed of global row ``row``'s draws of ``stream`` in a step seeded ``seed``."""
-    from rcm.train.loop import step_seed
-
-    return step_seed(step_seed(seed, stream), row)
-
-
 def local_normal(g: torch.Generator, rows: int, row_shape: tuple[int, ...], stream: int,
                  device: torch.device) -> torch.Tensor:
     """Standard normals (rows, *row_shape) on ``device`` for this pass's ``rows`` rows of the global
@@ -266,10 +259,12 @@ def local_normal(g: torch.Generator, rows: int, row_shape: tuple[int, ...], stre
     out = torch.empty((rows, *row_shape), device=device)
     if out.device.type == "meta":   # shapes only (rcm.plan traces a step there): no values to draw
         return out
+    from rcm.train.loop import step_seed
+
     lo = _PART[0] * rows
-    seed = g.initial_seed()
+    streamed = step_seed(g.initial_seed(), stream)           # row r's seed: step_seed(streamed, r)
     for i in range(rows):
-        gen = torch.Generator(device=device).manual_seed(row_seed(seed, stream, lo + i))
+        gen = torch.Generator(device=device).manual_seed(step_seed(streamed, lo + i))
         torch.randn(row_shape, generator=gen, device=device, out=out[i])
     return out
 

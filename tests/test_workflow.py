@@ -639,6 +639,12 @@ def test_config_overrides_are_read_as_the_schema_types(fresh):
 
 # ------------------------------------------------------------------------------------------ bad configs
 
+def _custom(builder: str = "build", net: str = "models/mine_sigma_{sigma}.pt", name: str = "mine", **extra) -> dict:
+    """A config overlay defining one user's method with the example's module (the bad-config cases)."""
+    return {"custom_methods": {name: {"base_classifier": f"examples.custom_method.method:{builder}",
+                                      "models": {"net": net}, **extra}}}
+
+
 BAD_CONFIGS = {
     "unknown key in a section": ({"certify": {"nn": 5}}, "certify.nn: unknown key"),
     "unknown top-level key": ({"sigma": [0.25]}, "sigma: unknown key"),
@@ -667,25 +673,19 @@ BAD_CONFIGS = {
                                      "models": {"net": "models/mine_sigma_{sigma}.pt"}}}},
         "custom_methods.mine.base_classifier: cannot import module 'no_such_pkg.smoothing'"),
     "custom method of an unknown attribute": (
-        {"custom_methods": {"mine": {"base_classifier": "examples.custom_method.method:nope",
-                                     "models": {"net": "models/mine_sigma_{sigma}.pt"}}}},
+        _custom("nope"),
         "custom_methods.mine.base_classifier: module 'examples.custom_method.method' has no attribute 'nope'"),
     "custom builder of the wrong signature": (
-        {"custom_methods": {"mine": {"base_classifier": "examples.custom_method.method:kernel_size",
-                                     "models": {"net": "models/mine_sigma_{sigma}.pt"}}}},
+        _custom("kernel_size"),
         "custom_methods.mine.base_classifier: kernel_size(sigma: 'float') -> 'int' must take (sigma, models, device)"),
     "per-sigma custom model without {sigma}": (
-        {"custom_methods": {"mine": {"base_classifier": "examples.custom_method.method:build",
-                                     "models": {"net": "models/mine.pt"}}}},
+        _custom(net="models/mine.pt"),
         "custom_methods.mine.models.net: 'models/mine.pt' has no {sigma}"),
     "custom method named as a built-in": (
-        {"custom_methods": {"dds": {"base_classifier": "examples.custom_method.method:build",
-                                    "models": {"net": "models/dds_sigma_{sigma}.pt"}}}},
+        _custom(net="models/dds_sigma_{sigma}.pt", name="dds"),
         "custom_methods.dds: 'dds' is a built-in method's name"),
     "custom train command without {output}": (
-        {"custom_methods": {"mine": {"base_classifier": "examples.custom_method.method:build",
-                                     "models": {"net": "models/mine_sigma_{sigma}.pt"},
-                                     "train": "python -m mypkg.train --sigma {sigma}"}}},
+        _custom(train="python -m mypkg.train --sigma {sigma}"),
         "custom_methods.mine.train: 'python -m mypkg.train --sigma {sigma}' has no {output}"),
     "a method nobody defined": ({"methods": ["gaussian", "dds", "mdds", "mine"]},
                                 "methods.3: 'mine' is no method"),

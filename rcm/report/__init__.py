@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -85,8 +86,6 @@ def write_report(entries: Sequence[Entry], radii: Sequence[float], out: str | Pa
     except ValueError as exc:
         raise CertificateError(str(exc)) from None
     names = {e.name for e in entries}
-    import re
-
     entry = re.compile(r"[a-z][a-z0-9_]*_(sigma_\d+(\.\d+)?(_sequential)?|cascade(_sequential)?)")
     unknown = sorted({n for pair in pairs for n in pair} - names)
     wrong = [n for n in unknown if not entry.fullmatch(n)]
