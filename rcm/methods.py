@@ -205,7 +205,7 @@ def _fields(template: str, where: str, allowed: set[str]) -> set[str]:
 
 def custom(name: str, *, base_classifier: str | Callable, models: dict[str, str],
            sigma_conditioned: bool = False, noise: str = "", train: str | dict[str, str] = "",
-           where: str = "") -> Method:
+           preset: str = "", where: str = "") -> Method:
     """A user's method, validated: each problem raises ConfigError in one line naming the key
     (``where`` is the key's prefix, e.g. ``custom_methods.mine``)."""
     where = where or f"method '{name}'"
@@ -241,6 +241,16 @@ def custom(name: str, *, base_classifier: str | Callable, models: dict[str, str]
         if "output" not in _fields(command, key, TRAIN_PLACEHOLDERS):
             raise ConfigError(f"{key}: '{command}' has no {{output}}: the command must write the file it is "
                               "given there")
+    if preset:
+        if not isinstance(preset, str):
+            raise ConfigError(f"{where}.preset: MODULE:ATTR of a function (cfg, sigma) -> (model, text)")
+        built = resolve(preset, f"{where}.preset")
+        try:
+            inspect.signature(built).bind({}, 0.25)
+        except TypeError:
+            raise ConfigError(f"{where}.preset: {preset} must take (cfg, sigma)") from None
+        except ValueError:
+            pass                                   # no signature to read: trust it
     templates = dict(models)
 
     def files_at(sigma, results, dataset):
@@ -250,19 +260,21 @@ def custom(name: str, *, base_classifier: str | Callable, models: dict[str, str]
     builder = base_classifier if isinstance(base_classifier, str) else fn   # the spec, for flags and docs
     return Method(name, files_at, builder, sigma_conditioned=sigma_conditioned, noise=noise or "",
                   makers={role: "train_custom" if role in commands else "(expected)" for role in models},
-                  templates=templates, train=commands)
+                  templates=templates, train=commands, preset=preset)
 
 
 def register(name: str, *, base_classifier: str | Callable, models: dict[str, str],
              sigma_conditioned: bool = False, noise: str = "", train: str | dict[str, str] = "",
-             replace: bool = False) -> Method:
+             preset: str = "", replace: bool = False) -> Method:
     """Register a user's method for code that certifies without the workflow
     (``rcm.certify.certify_shard(method=name, ...)``). ``base_classifier`` is ``"module:attr"`` or a
     callable ``(sigma, models: dict[str, Path], device) -> nn.Module``; ``models`` maps roles to path
     templates ({sigma}, {results}, {dataset}); ``noise`` names the method whose noise streams it
-    draws (default: its own). Validated as the config's ``custom_methods``."""
+    draws (default: its own); ``preset``, ``"module:attr"`` of ``(cfg, sigma) -> (model, text)``, its base
+    classifier at full size with random weights (``rcm plan``, ``rcm bench certify --config``).
+    Validated as the config's ``custom_methods``."""
     method = custom(name, base_classifier=base_classifier, models=models, sigma_conditioned=sigma_conditioned,
-                    noise=noise, train=train)
+                    noise=noise, train=train, preset=preset)
     if name in _REGISTRY and not replace:
         raise ConfigError(f"method '{name}' is registered already (pass replace=True)")
     _REGISTRY[name] = method
@@ -292,7 +304,7 @@ def from_config(section: dict, prefix: str = "custom_methods") -> dict[str, Meth
     return out
 
 
-SPEC_KEYS = ("base_classifier", "models", "sigma_conditioned", "noise", "train")
+SPEC_KEYS = ("base_classifier", "models", "sigma_conditioned", "noise", "train", "preset")
 
 
 def register_config(section: dict) -> dict[str, Method]:

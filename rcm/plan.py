@@ -274,41 +274,22 @@ def _meta(build):
         return build()
 
 
-def _real_schedule(model: nn.Module) -> nn.Module:
-    """A meta-built Denoiser's schedule, recomputed on the CPU: t* is read from it (a data-dependent
-    index that the meta device cannot give). The same two lines as rcm.models.denoiser.Denoiser."""
-    from rcm.models.denoiser import Denoiser, make_betas
-
-    for m in model.modules():
-        if isinstance(m, Denoiser):
-            c = m.config
-            betas = make_betas(c["num_train_timesteps"], c["beta_schedule"], c["beta_start"], c["beta_end"],
-                               c["trained_betas"])
-            abar = torch.cumprod(1.0 - betas, dim=0)
-            m._noise_ratio = ((1.0 - abar) / abar).sqrt()
-            m.alphas_cumprod = abar.float().to("meta")
-    return model
-
-
 def certified_network(cfg: dict, method: str, sigma: float) -> nn.Module:
-    """The base classifier ``method`` certifies at ``sigma`` (rcm.presets), on the meta device, eval mode."""
+    """The base classifier ``method`` certifies at ``sigma`` (its preset builder, rcm.presets), on the
+    meta device, eval mode."""
     from rcm import presets
 
-    torch.manual_seed(0)
-    if method == "gaussian":
-        return _meta(lambda: presets.classifier(cfg, sigma)[0]).eval()
-    if method in ("dds", "mdds"):
-        from rcm.models.denoiser import DenoisedClassifier
+    return _all_meta(_meta(lambda: presets.base_classifier(cfg, method, sigma)[0])).eval()
 
-        den = _real_schedule(_meta(lambda: presets.denoiser(cfg)[0]))
-        clf = _meta(lambda: presets.classifier(cfg, 0.0)[0])
-        return DenoisedClassifier(den, clf, sigma).eval()
-    if method == "rrcm":
-        from rcm.models.vit import SigmaConditioned
 
-        net = _meta(lambda: _rrcm_net(cfg, classes=True))
-        return SigmaConditioned(net, sigma).eval()
-    raise ConfigError(f"unknown method '{method}' (known: {', '.join(paths.METHODS)})")
+def _all_meta(model: nn.Module) -> nn.Module:
+    """``model`` with the buffers a builder made on the CPU on purpose (a schedule read while it is
+    built, as a Denoiser's) moved to the meta device, like everything else."""
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.device.type != "meta":
+                module._buffers[name] = buf.to("meta")
+    return model
 
 
 def _rrcm_net(cfg: dict, classes: bool):
@@ -360,7 +341,7 @@ def stage_setup(cfg: dict, section: str, sigma: float = 0.25) -> Stage:
             return F.cross_entropy(m(x).float(), y)
         return Stage(model, opt, step)
     if section == "denoiser":
-        model = _real_schedule(_meta(lambda: presets.denoiser({**cfg, "denoiser": {**sec, "pretrained": ""}})[0]))
+        model = _all_meta(_meta(lambda: presets.denoiser({**cfg, "denoiser": {**sec, "pretrained": ""}})[0]))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=sec.get("weight_decay", 0.0))
 
         def step(m, b, dtype):
@@ -371,7 +352,7 @@ def stage_setup(cfg: dict, section: str, sigma: float = 0.25) -> Stage:
         from rcm.train.mdds import FinetuneDenoiserOptions, MultiScaleLoss
 
         o = presets._options(FinetuneDenoiserOptions, sec)
-        model = _real_schedule(_meta(lambda: presets.denoiser(cfg)[0]))
+        model = _all_meta(_meta(lambda: presets.denoiser(cfg)[0]))
         clf = _meta(lambda: presets.classifier(cfg, 0.0)[0])
         opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
 
@@ -637,35 +618,17 @@ def stage_precision(cfg: dict, section: str, override: str | None) -> tuple[str,
     return ("tf32" if sec.get("tf32", False) else "fp32"), sec.get("amp", "off") or "off"
 
 
-def _imported(cfg: dict, section: str, sigma: float | None = None) -> bool:
-    from rcm.importers import is_placeholder, noisy_sources
-
-    sec = cfg[section]
-    if sigma is not None and sigma > 0:
-        return paths.fmt_sigma(sigma) in noisy_sources(sec.get("pretrained_noisy", []))
-    return not is_placeholder(sec.get("pretrained", ""))
-
-
 def jobs(cfg: dict) -> list[dict]:
-    """The rules of the configured DAG that use an accelerator, one entry per rule and grid point."""
+    """The rules of the configured DAG that use an accelerator, one entry per rule and grid point: the
+    training stages of the model files its methods read (rcm.stages; imports use none), then the
+    certification of each method, cascade and sequential method."""
+    from rcm import stages
+
     methods = list(cfg["methods"])
     seq = list(cfg.get("sequential_methods", []))
-    every = set(methods) | set(seq) | {c["method"] for c in cfg["cascades"]}
     sigmas = [float(s) for s in cfg["sigmas"]]
-    out = []
-    if {"dds", "mdds"} & every and not _imported(cfg, "denoiser"):
-        out.append(dict(rule="train_denoiser", section="denoiser", method=None, sigma=None, jobs=1))
-    clf_sigmas = ([0.0] if {"dds", "mdds"} & every else []) + (sigmas if "gaussian" in every else [])
-    for s in clf_sigmas:
-        if not (_imported(cfg, "classifier", s) if s > 0 else _imported(cfg, "classifier")):
-            out.append(dict(rule="train_classifier", section="classifier", method=None, sigma=s, jobs=1))
-    if "mdds" in every:
-        out.append(dict(rule="finetune_denoiser", section="finetune_denoiser", method=None, sigma=None, jobs=1))
-    if "rrcm" in every:
-        fine = [s for s in sigmas if not _imported(cfg, "rrcm_finetune", s)]
-        if fine and not _imported(cfg, "rrcm_pretrain"):
-            out.append(dict(rule="pretrain_rrcm", section="rrcm_pretrain", method=None, sigma=None, jobs=1))
-        out += [dict(rule="finetune_rrcm", section="rrcm_finetune", method=None, sigma=s, jobs=1) for s in fine]
+    out = [dict(rule=job.stage.rule, section=job.stage.section, method=None, sigma=job.sigma, jobs=1)
+           for job in stages.needed(cfg) if job.trains]
     shards = cfg["certify"]["shards"]
     out += [dict(rule="certify", section="certify", method=m, sigma=s, jobs=shards) for m in methods for s in sigmas]
     out += [dict(rule="certify_cascade", section="certify", method=c["method"], sigma="cascade", jobs=shards,
@@ -745,12 +708,13 @@ class Plan:
         by_stage: dict[str, float] = {}
         for r in self.rows:
             by_stage[r["rule"]] = by_stage.get(r["rule"], 0.0) + r["device_hours"]
-        dds = [r for r in self.rows if r["rule"] == "certify" and r["method"] == "dds"]
-        rr = [r for r in self.rows if r["rule"] == "certify" and r["method"] == "rrcm"]
-        ratio = (sum(r["device_hours"] for r in dds) / sum(r["device_hours"] for r in rr)) if dds and rr else None
+        by_method: dict[str, float] = {}             # fixed-n certification over the same sigmas
+        for r in self.rows:
+            if r["rule"] == "certify":
+                by_method[r["method"]] = by_method.get(r["method"], 0.0) + r["device_hours"]
         return {"device": self.device, "config": self.config, "rules": self.rows,
                 "stage_device_hours": by_stage, "total_device_hours": self.total_device_hours,
-                "dds_to_rrcm_certification_ratio": ratio, "notes": self.notes}
+                "certification_device_hours": by_method, "notes": self.notes}
 
 
 def make_plan(files: list[str], device: str = "a100-80gb", precision: str | None = None,
@@ -765,16 +729,23 @@ def make_plan(files: list[str], device: str = "a100-80gb", precision: str | None
     return plan_config(cfg, files, device, precision, profile, calibration, only)
 
 
-def _builtin_methods_only(cfg: dict, notes: list[str]) -> dict:
-    """``cfg`` without the methods of ``custom_methods``: the plan knows the built-in methods' networks
-    (rcm.presets), not a user's; a note names those left out."""
-    custom = set(cfg.get("custom_methods") or {})
-    every = set(cfg["methods"]) | set(cfg.get("sequential_methods", [])) | {c["method"] for c in cfg["cascades"]}
-    if not custom & every:
+def _plannable_methods(cfg: dict, notes: list[str]) -> dict:
+    """``cfg`` without the methods whose networks the plan cannot build (rcm.methods: a method without
+    a ``preset`` builder, as a user's method is unless its entry names one), and without the train
+    commands of users' methods; a note names what is left out."""
+    from rcm import methods, stages
+
+    methods.register_config(cfg.get("custom_methods") or {})
+    every = stages.certified_methods(cfg)
+    left = [m for m in every if m in methods.names() and not methods.get(m).preset]
+    commands = [f"train_{m}_{role}" for m in every if m in methods.names() for role in methods.get(m).train]
+    if commands:
+        notes.append(f"not planned: {', '.join(commands)} (a user's method's own train command)")
+    if not left:
         return cfg
-    notes.append(f"not planned: {', '.join(sorted(custom & every))} (a user's method: rcm plan knows the "
-                 "built-in methods' networks only)")
-    keep = lambda m: m not in custom  # noqa: E731
+    notes.append(f"not planned: {', '.join(left)} (a user's method: give its custom_methods entry a preset, "
+                 "MODULE:ATTR building its base classifier from (cfg, sigma), for rcm plan to trace it)")
+    keep = lambda m: m not in left  # noqa: E731
     return {**cfg, "methods": [m for m in cfg["methods"] if keep(m)],
             "sequential_methods": [m for m in cfg.get("sequential_methods", []) if keep(m)],
             "cascades": [c for c in cfg["cascades"] if keep(c["method"])],
@@ -789,7 +760,7 @@ def plan_config(cfg: dict, files: list[str], device: str = "a100-80gb", precisio
 
     notes: list[str] = []
     cfg = _without_downloads(cfg, notes)
-    cfg = _builtin_methods_only(cfg, notes)
+    cfg = _plannable_methods(cfg, notes)
     if only and only not in {j["rule"] for j in jobs(cfg)}:
         known = sorted({j["rule"] for j in jobs(cfg)})
         raise ConfigError(f"no rule '{only}' in this config's DAG (rules with a device: {', '.join(known)})")
@@ -903,9 +874,12 @@ def _certify_row(cfg, job, amp, float32, dev: Rates, shape, cache) -> dict:
     method, batch = job["method"], certify_batch(cfg, job["method"])
     n0, n = c["n0"], c["n"]
     sigmas = job.get("stages") or [job["sigma"]]
+    from rcm import methods
+
+    conditioned = methods.get(method).sigma_conditioned
 
     def cost(s, b):
-        key = ("certify", method, s if method == "gaussian" else None, b, amp)
+        key = ("certify", method, None if conditioned else s, b, amp)   # one network for every sigma, or one each
         if key not in cache:
             cache[key] = certify_estimate(certified_network(cfg, method, float(s)), shape, b, amp,
                                           "cpu" if dev.name == "cpu" else "cuda")
@@ -982,8 +956,12 @@ def render(plan: Plan, fmt: str) -> str:
     for stage, hours in data["stage_device_hours"].items():
         lines.append(f"- {stage}: {hours:.4g} device-hours")
     lines.append(f"- total: {data['total_device_hours']:.4g} device-hours")
-    if data["dds_to_rrcm_certification_ratio"]:
-        lines.append(f"- certification, dds : rrcm = {data['dds_to_rrcm_certification_ratio']:.3g} : 1")
+    by_method = data["certification_device_hours"]
+    if len(by_method) > 1 and min(by_method.values()) > 0:
+        cheapest = min(by_method, key=by_method.get)
+        lines.append("- certification (fixed n) per method: " + ", ".join(
+            f"{m} {h:.4g} device-hours" + (f" ({h / by_method[cheapest]:.3g}x {cheapest})" if m != cheapest else "")
+            for m, h in by_method.items()))
     for r in plan.rows:
         if "advice" in r:
             lines.append(f"- {oversize_line(r)}")

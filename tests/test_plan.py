@@ -48,6 +48,36 @@ def test_json_has_the_documented_fields():
     # the certification FLOPs per image are those the default run's certificates record (docs/benchmarks.md)
     gauss = next(row for row in data["rules"] if row["rule"] == "certify" and row["method"] == "gaussian")
     assert gauss["flops_per_image"] == pytest.approx(1100 * 1.068e6, rel=0.01)
+    by_method = data["certification_device_hours"]
+    assert set(by_method) == {row["method"] for row in data["rules"] if row["rule"] == "certify"}
+    for method, hours in by_method.items():
+        assert hours == pytest.approx(sum(row["device_hours"] for row in data["rules"]
+                                          if row["rule"] == "certify" and row["method"] == method))
+
+
+def test_a_users_method_is_planned_by_its_preset_and_left_out_without_one(tmp_path):
+    """A custom_methods entry with a preset (the example's median filter in front of the clean
+    classifier) is traced like a built-in: its certification FLOPs per draw are at least the clean
+    classifier's and far below dds's (the same classifier behind a UNet); without a preset it is left out with a note naming it, and so are the train
+    commands of users' methods."""
+    from rcm import methods
+
+    cfg = presets.load_config(DEFAULT + [str(ROOT / "examples/custom_method/config.yaml")])
+    cfg["sigmas"], cfg["cascades"], cfg["sequential_methods"], cfg["sequential_cascades"] = [0.5], [], [], []
+    result = plan.plan_config(cfg, DEFAULT, "h100-80gb")
+    rows = {(r["rule"], r["method"]): r for r in result.rows if r["rule"] == "certify"}
+    median, dds = rows[("certify", "median")], rows[("certify", "dds")]
+    clean = plan.certify_estimate(plan.certified_network(cfg, "gaussian", 0.5), (1, 8, 8), 1, "off", "cpu")
+    assert median["flops_per_draw"] >= clean.flops and median["flops_per_draw"] < dds["flops_per_draw"]
+    assert not any("not planned" in n for n in result.notes)
+    spec = {k: v for k, v in cfg["custom_methods"]["median"].items() if k != "preset"}
+    bare = {**cfg, "custom_methods": {"median": {**spec, "train": "{python} -m mypkg {output}"}}}
+    result = plan.plan_config(bare, DEFAULT, "h100-80gb")
+    assert "median" not in {r["method"] for r in result.rows}
+    assert any(n.startswith("not planned: median (a user's method: give its custom_methods entry a preset")
+               for n in result.notes)
+    assert any(n.startswith("not planned: train_median_classifier") for n in result.notes)
+    methods.unregister("median")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -20,7 +20,8 @@ from test_workflow import REPO, TINY, dry_run, make_copy, overlay, run_env, tail
 PROFILE = REPO / "profiles/slurm/config.yaml"
 GPU_RULES = {"train_denoiser", "train_classifier", "finetune_denoiser", "pretrain_rrcm",
              "finetune_rrcm", "certify", "certify_cascade", "certify_sequential", "certify_cascade_sequential",
-             "certify_custom", "certify_custom_cascade", "certify_custom_sequential"}
+             "certify_custom", "certify_custom_cascade", "certify_custom_sequential",
+             "certify_custom_cascade_sequential"}
 CPU_RULES = {"prepare", "prepare_train", "report", "import_classifier", "import_denoiser", "import_rrcm",
              "import_rrcm_classifier"}
 
@@ -135,8 +136,9 @@ def test_tiny_workflow_runs_on_slurm(slurm_cluster, tmp_path):
         assert (state, cpus) == ("COMPLETED", "1"), (rule, state, cpus)
         assert limit == f"{resources[rule]['runtime']}:00" and memory == f"{resources[rule]['mem_mb']}M", rule
     # every rule but the imports of pretrained models (their own test runs them: test_workflow_import), and
-    # the cascade and sequential rules of a user's method (the tiny config certifies its method with fixed n)
+    # the cascade and sequential rules of a user's method (the tiny config certifies its method with fixed n;
+    # test_workflow runs them)
     assert seen == workflow_rules() - {r for r in CPU_RULES if r.startswith("import_")} - {
-        "certify_custom_cascade", "certify_custom_sequential"}
+        "certify_custom_cascade", "certify_custom_sequential", "certify_custom_cascade_sequential"}
 
     assert dry_run(repo, "--configfile", one_of_each) == []  # complete, as far as Snakemake knows

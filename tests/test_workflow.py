@@ -505,9 +505,10 @@ def test_a_custom_method_trains_certifies_cascades_and_runs_sequentially(tmp_pat
 
     repo = make_copy(tmp_path / "repo")
     cfg = load_config(repo / "config/config.yaml")
+    mine_cascade = {"method": "mine", "flags": {"sigmas": [0.5, 0.25], "p0": 0.5}}
     data = {"custom_methods": {"mine": MINE}, "methods": cfg["methods"] + ["mine"],
-            "cascades": cfg["cascades"] + [{"method": "mine", "flags": {"sigmas": [0.5, 0.25], "p0": 0.5}}],
-            "sequential_methods": ["gaussian", "mine"], "sequential_cascades": []}  # a user's cascade: fixed n only
+            "cascades": cfg["cascades"] + [mine_cascade],
+            "sequential_methods": ["gaussian", "mine"], "sequential_cascades": [mine_cascade]}
     mine = overlay(tmp_path, "mine", data)
     jobs = dry_run(repo, "--configfile", mine)
     train = sorted((j for j in jobs if j.rule == "train_mine_net"), key=lambda j: j.outputs)
@@ -520,23 +521,27 @@ def test_a_custom_method_trains_certifies_cascades_and_runs_sequentially(tmp_pat
     assert (repo / "models/mine_sigma_0.5.pt").read_text() == "0.5"
     shards = cfg["certify"]["shards"]
     by_rule = lambda rule: [j for j in jobs if j.rule == rule and "/mine/" in j.outputs[0]]  # noqa: E731
-    fixed, cascade, sequential = (by_rule(r) for r in ("certify_custom", "certify_custom_cascade",
-                                                       "certify_custom_sequential"))
-    assert (len(fixed), len(cascade), len(sequential)) == (2 * shards, shards, 2 * shards)
-    assert not [j for j in jobs if j.rule in ("certify", "certify_cascade", "certify_sequential")
-                and "/mine/" in j.outputs[0]]
-    for job in fixed + cascade + sequential:
+    fixed, cascade, sequential, seq_cascade = (by_rule(r) for r in (
+        "certify_custom", "certify_custom_cascade", "certify_custom_sequential", "certify_custom_cascade_sequential"))
+    assert (len(fixed), len(cascade), len(sequential), len(seq_cascade)) == (2 * shards, shards, 2 * shards, shards)
+    assert not [j for j in jobs if j.rule in ("certify", "certify_cascade", "certify_sequential",
+                                              "certify_cascade_sequential") and "/mine/" in j.outputs[0]]
+    for job in fixed + cascade + sequential + seq_cascade:
         assert "examples/custom_method/method.py" in job.inputs
         want = {"models/mine_sigma_0.25.pt", "models/mine_sigma_0.5.pt"}
         got = {f for f in job.inputs if f.startswith("models/")}
-        assert got == want if job in cascade else len(got) == 1 and got <= want
+        assert got == want if job in cascade + seq_cascade else len(got) == 1 and got <= want
         args = parse_rcm(rcm_tokens(job.shell))
         assert (args.method, args.custom_base_classifier, args.custom_models) == (
             "mine", MINE["base_classifier"], ["net=models/mine_sigma_{sigma}.pt"])
-        assert args.sequential == (job in sequential) and (args.sigma == "cascade") == (job in cascade)
+        assert args.sequential == (job in sequential + seq_cascade)
+        assert (args.sigma == "cascade") == (job in cascade + seq_cascade)
+        if job in cascade + seq_cascade:
+            assert args.sigmas == [0.5, 0.25] and args.p0 == 0.5
     (report,) = [j for j in jobs if j.rule == "report"]
-    assert {o for j in fixed + cascade + sequential for o in j.outputs} <= set(report.inputs)
+    assert {o for j in fixed + cascade + sequential + seq_cascade for o in j.outputs} <= set(report.inputs)
     assert str(paths.certificate(TINY, "digits", "mine", "cascade", 0, shards)) in report.inputs
+    assert str(paths.certificate(TINY, "digits", "mine", "cascade", 0, shards, sequential=True)) in report.inputs
     # DVC: `rcm dvc` writes the train and fixed-n stages, and says which parts only Snakemake runs
     merged = {**cfg, **data}
     from rcm import dvcgen
@@ -546,6 +551,53 @@ def test_a_custom_method_trains_certifies_cascades_and_runs_sequentially(tmp_pat
     text = dvcgen.stages({**merged, "cascades": cfg["cascades"], "sequential_methods": []}, ["rcm/certify.py"])
     assert "train-mine-net:\n    foreach: ${sigmas}" in text and " models/mine_sigma_${item}.pt ${item}" in text
     methods.unregister("mine")
+
+
+@pytest.mark.parametrize("methods", [["gaussian"], ["dds"], ["mdds"], ["rrcm"], ["median"], None])
+def test_the_model_table_lists_the_training_jobs_snakemake_schedules(tmp_path, methods):
+    """rcm.stages (what rcm plan and the config checks read) derives, from the methods' files alone, the
+    same training jobs as Snakemake's DAG built from the rules' inputs: for each method on its own (the
+    example's median filter reads the clean classifier only) and for the whole tiny config."""
+    from rcm import stages
+
+    repo = make_copy(tmp_path / "repo")
+    cfg = load_config(repo / "config/config.yaml")
+    if methods is not None:
+        cfg.update(methods=methods, cascades=[], sequential_methods=[], sequential_cascades=[])
+    path = overlay(tmp_path, "only", {k: cfg[k] for k in ("methods", "cascades", "sequential_methods",
+                                                          "sequential_cascades")})
+    rules = {s.rule for s in stages.STAGES} | {s.import_rule for s in stages.STAGES}
+    scheduled = {(j.rule, j.outputs[0]) for j in dry_run(repo, "--configfile", path) if j.rule in rules}
+    assert scheduled == {(job.rule, str(job.path)) for job in stages.needed(cfg)}
+    assert scheduled  # every method here reads a model that a stage trains
+
+
+def test_a_custom_methods_sequential_cascade_runs(tmp_path):
+    """The example method's cascade, certified sequentially by Snakemake for real: the job trains the
+    clean classifier it reads, passes the method's --custom_* flags, and writes a sequential cascade
+    certificate (stages, draws per image, the targets) under the method's own folder."""
+    from rcm import paths
+    from rcm.certificate import read_certificate
+    from rcm.importers import sha256
+
+    repo = make_copy(tmp_path / "repo")
+    cfg = load_config(repo / "config/config.yaml")
+    median = {"method": "median", "flags": {"sigmas": [0.5, 0.25], "p0": 0.5}}
+    mine = overlay(tmp_path, "median", {"cascades": cfg["cascades"] + [median],
+                                        "sequential_methods": cfg["sequential_methods"] + ["median"],
+                                        "sequential_cascades": cfg["sequential_cascades"] + [median]})
+    shards = cfg["certify"]["shards"]
+    target = str(paths.certificate(TINY, "digits", "median", "cascade", 0, shards, sequential=True))
+    r = snakemake(repo, "--cores", "2", target, "--configfile", mine)
+    assert r.returncode == 0, tail(r)
+    rows = read_certificate(repo / target)
+    n0, n = cfg["certify"]["n0"], cfg["certify"]["n"]
+    assert len(rows) > 0 and (rows["sequential"] == 1).all()
+    assert set(rows["stage"]) <= {0, 1, 2} and (rows["samples"] <= 2 * (n0 + n)).all()
+    # the user's method's file, read through its own template (the clean classifier, made by train_classifier)
+    assert set(rows["models"]) == {f"classifier={TINY}/digits/models/classifier_sigma_0.0.pt@"
+                                   + sha256(repo / TINY / "digits/models/classifier_sigma_0.0.pt")}
+    assert not (repo / str(paths.certificate(TINY, "digits", "mdds", "cascade", 0, shards, sequential=True))).exists()
 
 
 def test_dvc_yaml_is_what_rcm_dvc_writes_for_the_default_config(tmp_path):

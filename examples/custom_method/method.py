@@ -30,3 +30,15 @@ def build(sigma, models, device):
 
     classifier, _ = load_model(models["classifier"], kind="classifier")
     return MedianFiltered(classifier, kernel_size(float(sigma)))
+
+
+def preset(cfg, sigma):
+    """The same network at the config's full size with random weights, for ``rcm plan`` and ``rcm bench
+    certify --config``: (cfg, sigma) -> (model, text). The clean classifier is the config's own."""
+    from rcm import presets
+
+    from .median_filter import MedianFiltered
+
+    classifier, text = presets.classifier(cfg, 0.0)
+    k = kernel_size(float(sigma))
+    return MedianFiltered(classifier, k), f"{k}x{k} median filter + {text}"

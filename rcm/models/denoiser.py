@@ -39,18 +39,22 @@ def make_betas(num_train_timesteps: int, beta_schedule: str = "linear", beta_sta
     'scaled_linear': linear in sqrt(beta) (latent diffusion);
     'squaredcos_cap_v2': improved-diffusion's cosine schedule (Nichol & Dhariwal 2021, eq. 17),
     abar(t) = cos^2(((t/T + s)/(1 + s)) pi/2), s = 0.008, betas capped at 0.999.
+
+    On the CPU always, also while a network is built on another default device (``rcm plan`` builds on
+    the meta device and reads t* from this schedule).
     """
     T = num_train_timesteps
     if trained_betas is not None:
-        return torch.tensor(trained_betas, dtype=torch.float64)
+        return torch.tensor(trained_betas, dtype=torch.float64, device="cpu")
     if beta_schedule == "linear":
-        return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float64, device="cpu")
     if beta_schedule == "scaled_linear":
-        return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
+        return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64, device="cpu") ** 2
     if beta_schedule == "squaredcos_cap_v2":
         def abar(t: float) -> float:
             return math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
-        return torch.tensor([min(1 - abar(i + 1) / abar(i), 0.999) for i in range(T)], dtype=torch.float64)
+        return torch.tensor([min(1 - abar(i + 1) / abar(i), 0.999) for i in range(T)], dtype=torch.float64,
+                            device="cpu")
     raise ConfigError(f"unknown beta_schedule '{beta_schedule}' (known: {', '.join(SCHEDULES)})")
 
 

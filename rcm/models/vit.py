@@ -30,7 +30,7 @@ def edm_grid(num_points: int, sigma_min: float = SIGMA_MIN, sigma_max: float = S
     """
     if num_points < 2:
         raise ConfigError(f"an EDM grid needs at least 2 points, got {num_points}")
-    i = torch.arange(num_points, dtype=torch.float64) / (num_points - 1)
+    i = torch.arange(num_points, dtype=torch.float64, device="cpu") / (num_points - 1)   # on the CPU always (as a schedule)
     a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     grid = (a + i * (b - a)) ** rho
     grid[0], grid[-1] = sigma_max, sigma_min  # exact endpoints, not pow round-off

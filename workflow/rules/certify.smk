@@ -91,7 +91,7 @@ rule certify_cascade_sequential:
     output:
         str(paths.certificate(R, D, "{method}", paths.CASCADE, "{shard}", SHARDS, sequential=True)),
     wildcard_constraints:
-        method="|".join(m for m in SEQUENTIAL_CASCADES if m not in CUSTOM) or "(?!)",  # the built-ins' cascades of sequential_methods
+        method="|".join(m for m in SEQUENTIAL_CASCADES if m not in CUSTOM) or "(?!)",  # the built-ins' sequential cascades
     params:
         dataset=D,
         results=R,
@@ -111,7 +111,7 @@ rule certify_cascade_sequential:
         " {params.flags} {params.cascade} --sequential {params.sequential} > {log} 2>&1"
 
 
-# A user's method (config `custom_methods`): the same three kinds of job, its --custom_* flags added and
+# A user's method (config `custom_methods`): the same four kinds of job, its --custom_* flags added and
 # its builder's source file as code.
 
 
@@ -196,3 +196,32 @@ rule certify_custom_sequential:
         "{LAUNCH[certify]} --threads {threads} certify --dataset {params.dataset} --results {params.results}"
         " --method {wildcards.method} --sigma {wildcards.sigma} --shard {wildcards.shard}"
         " {params.flags} --sequential {params.sequential} {params.custom} > {log} 2>&1"
+
+
+rule certify_custom_cascade_sequential:
+    input:
+        test=str(paths.prepared(R, D, "test")),
+        models=cascade_models,
+        code=lambda wildcards: CODE["certify_cascade"] + custom_code(wildcards.method),
+    output:
+        str(paths.certificate(R, D, "{method}", paths.CASCADE, "{shard}", SHARDS, sequential=True)),
+    wildcard_constraints:
+        method="|".join(m for m in SEQUENTIAL_CASCADES if m in CUSTOM) or "(?!)",
+    params:
+        dataset=D,
+        results=R,
+        flags=flags(config["certify"]),
+        cascade=lambda wildcards: flags(CASCADES[wildcards.method]["flags"]),
+        sequential=flags(config["sequential"]),
+        custom=lambda wildcards: custom_flags(wildcards.method),
+    log:
+        log("certify", "{method}/cascade_sequential/shard_{shard}"),
+    benchmark:
+        bench("certify", "{method}.cascade_sequential.shard_{shard}")
+    threads: 1
+    resources:
+        **gpu_resources("certify"),
+    shell:
+        "{LAUNCH[certify]} --threads {threads} certify --dataset {params.dataset} --results {params.results}"
+        " --method {wildcards.method} --sigma cascade --shard {wildcards.shard}"
+        " {params.flags} {params.cascade} --sequential {params.sequential} {params.custom} > {log} 2>&1"

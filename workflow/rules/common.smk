@@ -10,7 +10,7 @@ import jsonschema
 import yaml
 from snakemake.utils import update_config
 
-from rcm import methods, paths
+from rcm import methods, paths, stages
 from rcm.importers import check_source, denoiser_format, is_placeholder, noisy_sources, parse_noisy_entry
 from rcm.errors import ConfigError as RcmConfigError
 from rcm.paths import parse_baseline
@@ -89,8 +89,7 @@ def _semantic_errors(cfg: dict) -> list[str]:
             lines.append(f"cascades.{i}.flags.sigmas: {missing} not in sigmas {cfg['sigmas']} "
                          "(the per-sigma models of a cascade are those of `sigmas`)")
     lines += _device_errors(cfg)
-    # a built-in's cascade only: a user's method (custom_methods) has no sequential-cascade rule yet
-    wanted = [c for c in cfg["cascades"] if c["method"] in cfg["sequential_methods"] and c["method"] in paths.METHODS]
+    wanted = [c for c in cfg["cascades"] if c["method"] in cfg["sequential_methods"]]
     if cfg["sequential_cascades"] != wanted:
         lines.append("sequential_cascades: must be the cascades of sequential_methods, exactly as `cascades` "
                      f"lists them (YAML aliases of those entries; dvc.yaml iterates over it): {wanted}, "
@@ -192,62 +191,20 @@ def _cifar_root_errors(data: dict, root: Path | None) -> list[str]:
 
 
 def pretrained_sources(cfg: dict) -> list[tuple[str, str | None, str]]:
-    """(section, sigma or None, source) of every model the config imports instead of training, for
-    the methods it certifies."""
-    methods = set(cfg["methods"]) | set(cfg["sequential_methods"])
-    out = []
-    if {"dds", "mdds"} & methods and not is_placeholder(cfg["denoiser"]["pretrained"]):
-        out.append(("denoiser", None, cfg["denoiser"]["pretrained"]))
-    if {"dds", "mdds"} & methods and not is_placeholder(cfg["classifier"]["pretrained"]):
-        out.append(("classifier", None, cfg["classifier"]["pretrained"]))
-    if "gaussian" in methods:
-        out += [("classifier", sigma, source) for sigma, source in _noisy(cfg, "classifier").items()]
-    if "rrcm" in methods:
-        imported = _noisy(cfg, "rrcm_finetune")
-        out += [("rrcm_finetune", sigma, source) for sigma, source in imported.items()]
-        every_sigma_imported = set(imported) >= {paths.fmt_sigma(s) for s in cfg["sigmas"]}
-        if not is_placeholder(cfg["rrcm_pretrain"]["pretrained"]) and not every_sigma_imported:
-            out.append(("rrcm_pretrain", None, cfg["rrcm_pretrain"]["pretrained"]))
-    return out
+    """(section, sigma text or None, source) of every model the config imports instead of training,
+    for the methods it certifies (rcm.stages: the files their base classifiers and training read)."""
+    return [(job.stage.section, paths.fmt_sigma(job.sigma) if job.stage.per_sigma and job.sigma else None,
+             job.source) for job in stages.needed(cfg) if not job.trains]
 
 
 def something_trains(cfg: dict) -> bool:
     """Whether the DAG holds a training job (then it needs `prepare_train`, and ImageNet its train/):
-    every model the methods certify with imported, and no mdds (its fine-tuning always trains), is
-    the only way around it."""
-    methods = set(cfg["methods"]) | set(cfg["sequential_methods"]) | {c["method"] for c in cfg["cascades"]}
-    sigmas = {paths.fmt_sigma(s) for s in cfg["sigmas"]}
-    if "mdds" in methods:
+    a model file of its methods that a stage trains rather than imports, or a user's method with a
+    `train` command of its own."""
+    if any(job.trains for job in stages.needed(cfg)):
         return True
-    if any(_custom_trains(cfg, m, sigmas) for m in methods if m not in paths.METHODS):
-        return True
-    if "dds" in methods and (is_placeholder(cfg["denoiser"]["pretrained"])
-                             or is_placeholder(cfg["classifier"]["pretrained"])):
-        return True
-    if "gaussian" in methods and not set(_noisy(cfg, "classifier")) >= sigmas:
-        return True
-    return "rrcm" in methods and not set(_noisy(cfg, "rrcm_finetune")) >= sigmas
-
-
-def _custom_trains(cfg: dict, name: str, sigmas: set[str]) -> bool:
-    """Whether a user's method needs a training job: a `train` command of its own, or a file that a
-    built-in training rule makes (e.g. the clean classifier) and the config does not import."""
-    try:
-        method = methods.get(name)
-    except RcmConfigError:
-        return False
-    if method.train:
-        return True
-    results, dataset = cfg["results"], cfg["dataset"]
-    imported = {str(paths.classifier(results, dataset, s)) for s in set(_noisy(cfg, "classifier"))}
-    if not is_placeholder(cfg["classifier"]["pretrained"]):
-        imported.add(str(paths.classifier(results, dataset, 0.0)))
-    if not is_placeholder(cfg["denoiser"]["pretrained"]):
-        imported.add(str(paths.denoiser(results, dataset)))
-    imported |= {str(paths.rrcm_finetuned(results, dataset, s)) for s in set(_noisy(cfg, "rrcm_finetune"))}
-    models = str(paths.model_dir(results, dataset))
-    return any(str(f).startswith(models + os.sep) and str(f) not in imported
-               for s in sigmas for f in method.files(s, results, dataset).values())
+    custom = set(stages.certified_methods(cfg)) & set(cfg.get("custom_methods") or {})
+    return any(methods.get(name).train for name in custom if name in methods.names())
 
 
 def _noisy(cfg: dict, section: str) -> dict[str, str]:
@@ -361,7 +318,7 @@ SIGMAS = [paths.fmt_sigma(s) for s in config["sigmas"]]
 SHARDS = config["certify"]["shards"]
 CASCADES = {c["method"]: c for c in config["cascades"]}
 SEQUENTIAL_METHODS = config["sequential_methods"]
-SEQUENTIAL_CASCADES = [m for m in CASCADES if m in SEQUENTIAL_METHODS and m in paths.METHODS]  # = config["sequential_cascades"] (checked)
+SEQUENTIAL_CASCADES = [m for m in CASCADES if m in SEQUENTIAL_METHODS]  # = config["sequential_cascades"] (checked)
 # the users' methods the config defines (registered in rcm.methods by the validation above)
 CUSTOM = {name: methods.get(name) for name in (config.get("custom_methods") or {})}
 BASELINE_FILES = [str(parse_baseline(item)[1]) for item in config["report"]["baselines"]]

@@ -1,0 +1,146 @@
+"""The models the workflow makes, as data: which stage trains each model file, which config option
+imports it instead, and which files a stage reads.
+
+A method (rcm.methods) names the files its base classifier reads; this table says where each of
+them comes from. From the two, :func:`needed` derives what a config's DAG holds: the training and
+import jobs of every file its methods read, and of every file those jobs read in turn (a
+fine-tuning stage reads the model it fine-tunes). The workflow's checks (which ``pretrained`` files
+must exist, whether anything trains) and ``rcm plan`` read that list; neither names a method.
+
+This module imports no torch: Snakemake reads it while the workflow is parsed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from rcm import paths
+from rcm.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One way a model file is made. ``output(results, dataset, sigma)`` is the file (``sigma`` None
+    for a stage with one output); ``rule``/``section`` the workflow rule that trains it and its
+    config section; ``import_rule`` the rule that imports it instead, from the section's
+    ``pretrained`` (the file at sigma 0 or of a single-output stage) or ``pretrained_noisy`` (a
+    per-sigma file at sigma > 0); ``needs(sigma)`` the (stage rule, sigma) of the files training
+    reads."""
+
+    rule: str
+    section: str
+    output: Callable[[str | Path, str, float | None], Path]
+    per_sigma: bool
+    import_rule: str = ""
+    needs: Callable[[float | None], list[tuple[str, float | None]]] = field(default=lambda sigma: [])
+
+    def imported_from(self, cfg: dict, sigma: float | None) -> str:
+        """The source the config imports this stage's file at ``sigma`` from ('' when it trains)."""
+        if not self.import_rule:
+            return ""
+        from rcm.importers import is_placeholder, noisy_sources, parse_noisy_entry
+
+        sec = cfg[self.section]
+        if self.per_sigma and sigma:
+            wellformed = []
+            for entry in sec.get("pretrained_noisy", []):
+                try:
+                    parse_noisy_entry(entry)
+                except ConfigError:
+                    continue                     # the workflow's checks name a malformed entry
+                wellformed.append(entry)
+            return noisy_sources(wellformed).get(paths.fmt_sigma(sigma), "")
+        source = sec.get("pretrained", "")
+        return "" if is_placeholder(source) else source
+
+
+STAGES = (
+    Stage("train_denoiser", "denoiser", lambda r, d, s: paths.denoiser(r, d), per_sigma=False,
+          import_rule="import_denoiser"),
+    Stage("train_classifier", "classifier", lambda r, d, s: paths.classifier(r, d, s), per_sigma=True,
+          import_rule="import_classifier"),
+    Stage("finetune_denoiser", "finetune_denoiser", lambda r, d, s: paths.denoiser(r, d, finetuned=True),
+          per_sigma=False, needs=lambda s: [("train_denoiser", None), ("train_classifier", 0.0)]),
+    Stage("pretrain_rrcm", "rrcm_pretrain", lambda r, d, s: paths.rrcm_pretrained(r, d), per_sigma=False,
+          import_rule="import_rrcm"),
+    Stage("finetune_rrcm", "rrcm_finetune", lambda r, d, s: paths.rrcm_finetuned(r, d, s), per_sigma=True,
+          import_rule="import_rrcm_classifier", needs=lambda s: [("pretrain_rrcm", None)]),
+)
+BY_RULE = {s.rule: s for s in STAGES}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One model file of a config's DAG: the stage that makes it, at ``sigma`` (None: a single-output
+    stage), and the source it is imported from ('' when the stage trains it)."""
+
+    stage: Stage
+    sigma: float | None
+    source: str
+    path: Path
+
+    @property
+    def trains(self) -> bool:
+        return not self.source
+
+    @property
+    def rule(self) -> str:
+        return self.stage.rule if self.trains else self.stage.import_rule
+
+
+def made_by(path: str | Path, results: str | Path, dataset: str, sigmas) -> tuple[Stage, float | None] | None:
+    """The (stage, sigma) whose output is ``path``, trying each of ``sigmas`` and 0; None when no
+    stage makes it (a user's own file)."""
+    path = Path(path)
+    for stage in STAGES:
+        for s in ([0.0, *sigmas] if stage.per_sigma else [None]):
+            if stage.output(results, dataset, s) == path:
+                return stage, s
+    return None
+
+
+def certified_methods(cfg: dict) -> list[str]:
+    """Every method the config certifies (fixed n, sequentially, in a cascade), in first-named order."""
+    names = list(cfg.get("methods", [])) + list(cfg.get("sequential_methods", []))
+    names += [c["method"] for c in cfg.get("cascades", [])]
+    return list(dict.fromkeys(names))
+
+
+def method_files(cfg: dict) -> list[tuple[str, Path]]:
+    """(method, file) of every model file the config's methods read at its sigmas (a user's method
+    from the config's ``custom_methods``, validated, when it is not registered)."""
+    from rcm import methods
+
+    try:
+        custom = methods.from_config(cfg.get("custom_methods") or {})
+    except ConfigError:
+        custom = {}                              # the workflow's checks name the problem
+    out = []
+    for name in certified_methods(cfg):
+        if name not in custom and name not in methods.names():
+            continue                             # no method of that name: named by the checks too
+        method = custom.get(name) or methods.get(name)
+        for s in cfg["sigmas"]:
+            out += [(name, f) for f in method.files(float(s), cfg["results"], cfg["dataset"]).values()]
+    return out
+
+
+def needed(cfg: dict) -> list[Job]:
+    """The model files of the config's DAG that a stage makes: those its methods read and those their
+    training reads, each once, in the order of STAGES then sigma. A file imported from a
+    ``pretrained`` source needs nothing more."""
+    results, dataset, sigmas = cfg["results"], cfg["dataset"], [float(s) for s in cfg["sigmas"]]
+    todo = [hit for _, f in method_files(cfg) if (hit := made_by(f, results, dataset, sigmas))]
+    seen: dict[tuple[str, float | None], Job] = {}
+    while todo:
+        stage, sigma = todo.pop()
+        if (stage.rule, sigma) in seen:
+            continue
+        job = Job(stage, sigma, stage.imported_from(cfg, sigma), stage.output(results, dataset, sigma))
+        seen[(stage.rule, sigma)] = job
+        if job.trains:
+            todo += [(BY_RULE[rule], s) for rule, s in stage.needs(sigma)]
+    order = {s.rule: i for i, s in enumerate(STAGES)}
+    return sorted(seen.values(), key=lambda j: (order[j.stage.rule], -1.0 if j.sigma is None else j.sigma))
