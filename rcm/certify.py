@@ -122,22 +122,32 @@ def validate(method: str, sigma: str, shard: int, o: CertifyOptions, sigmas: lis
 
 
 def batch_sizes(o: CertifyOptions) -> dict[str, int]:
-    """``o.batch_sizes`` as {method: batch size}; ConfigError names a malformed entry."""
+    """``o.batch_sizes`` as {method: batch size}; ConfigError names a malformed entry. An entry may name
+    a method this process has not registered (the workflow passes every job the whole list, and a
+    built-in's job does not know a user's method: the workflow checks the names against its config
+    before any job); :func:`batch_size_of` says so when it reads the list."""
     out = {}
     for entry in o.batch_sizes:
         method, _, value = entry.partition("=")
-        if method not in methods.names() or not value.isdigit() or int(value) < 1:
-            raise ConfigError(f"batch_sizes entry '{entry}': expected METHOD=N with METHOD one of "
-                              f"{', '.join(methods.names())} and N >= 1")
+        if not methods.NAME.match(method) or not value.isdigit() or int(value) < 1:
+            raise ConfigError(f"batch_sizes entry '{entry}': expected METHOD=N with METHOD a method's name "
+                              f"({', '.join(methods.names())}, or a method of your own) and N >= 1")
         if method in out:
             raise ConfigError(f"batch_sizes names '{method}' twice")
         out[method] = int(value)
     return out
 
 
-def batch_size_of(method: str, o: CertifyOptions) -> int:
-    """The batch size ``method`` certifies with: its batch_sizes entry, else batch_size."""
-    return batch_sizes(o).get(method, o.batch_size)
+def batch_size_of(method: str, o: CertifyOptions, say=None) -> int:
+    """The batch size ``method`` certifies with: its batch_sizes entry, else batch_size. ``say``
+    (a print function) is told of the entries that name no registered method."""
+    sizes = batch_sizes(o)
+    unknown = [m for m in sizes if m not in methods.names()]
+    if unknown and say is not None:
+        say(f"batch_sizes: {', '.join(unknown)} is no method registered in this process (a user's method is "
+            f"registered only in its own jobs); {method} certifies with "
+            f"{'its entry' if method in sizes else 'batch_size'}, {sizes.get(method, o.batch_size)}")
+    return sizes.get(method, o.batch_size)
 
 
 def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard: int,
@@ -175,7 +185,7 @@ def certify_shard(*, dataset: str, results: str, method: str, sigma: str, shard:
         if hasattr(m, "describe"):
             print(f"certify: {method} at sigma {s}: {m.describe(split.images.shape[-1])}", file=sys.stderr)
     warn_if_emulated(o.amp, device, "certify")
-    batch_size = batch_size_of(method, o)
+    batch_size = batch_size_of(method, o, say=lambda line: print(f"certify: {line}", file=sys.stderr))
     members = [(s, wrap(m, o.amp, o.channels_last, o.compile, batch_size)) for s, m in members]
     out = paths.certificate(results, dataset, method, sigma, shard, o.shards, sequential=sequential)
 

@@ -75,6 +75,22 @@ def test_certificate_columns_and_provenance(digits_results, stub_models):
     assert list(df.idx) == list(range(0, 360, 30))
 
 
+def test_a_batch_size_of_a_method_this_job_does_not_know_is_said_and_not_used(digits_results, stub_models,
+                                                                              capsys):
+    """The workflow gives every certify job the whole certify.batch_sizes list; a built-in's job does not
+    register a user's method, so an entry naming one is told, not refused, and the job's own entry wins."""
+    o = CertifyOptions(n0=10, n=50, batch_size=25, batch_sizes=["mine=3", "gaussian=20"], skip=90)
+    path = certify_shard(dataset="digits", results=str(digits_results), method="gaussian", sigma="0.5",
+                         shard=0, o=o, progress=False)
+    assert set(read_certificate(path).batch_size) == {20}
+    assert "certify: batch_sizes: mine is no method registered in this process" in capsys.readouterr().err
+    o = CertifyOptions(n0=10, n=50, batch_size=25, batch_sizes=["mine=3"], skip=90)
+    path = certify_shard(dataset="digits", results=str(digits_results), method="dds", sigma="0.5",
+                         shard=0, o=o, progress=False)
+    assert set(read_certificate(path).batch_size) == {25}
+    assert "dds certifies with batch_size, 25" in capsys.readouterr().err
+
+
 def test_interrupted_shard_leaves_no_certificate_and_keeps_its_finished_rows(digits_results, monkeypatch):
     calls = {"n": 0}
 
@@ -165,7 +181,7 @@ def test_a_partial_file_holding_a_pickle_is_started_over_unrun(digits_results, s
     (["--method", "mdds", "--sigma", "cascade"], "a cascade needs --sigmas"),
     (["--method", "rrcm", "--sigma", "0.25", "--amp", "fp8"], "amp must be one of off, bf16, fp16, got 'fp8'"),
     (["--method", "rrcm", "--sigma", "0.25", "--batch_sizes", "dds:10"], "batch_sizes entry 'dds:10'"),
-    (["--method", "rrcm", "--sigma", "0.25", "--batch_sizes", "ddpm=10"], "batch_sizes entry 'ddpm=10'"),
+    (["--method", "rrcm", "--sigma", "0.25", "--batch_sizes", "DDS=10"], "batch_sizes entry 'DDS=10'"),
     (["--method", "rrcm", "--sigma", "0.25", "--batch_sizes", "dds=0"], "batch_sizes entry 'dds=0'"),
     (["--method", "rrcm", "--sigma", "0.25", "--batch_sizes", "dds=5", "dds=6"], "batch_sizes names 'dds' twice"),
 ])

@@ -741,8 +741,8 @@ BAD_CONFIGS = {
         "custom_methods.mine.train: 'python -m mypkg.train --sigma {sigma}' has no {output}"),
     "a method nobody defined": ({"methods": ["gaussian", "dds", "mdds", "mine"]},
                                 "methods.3: 'mine' is no method"),
-    "a batch size of a custom method": ({"certify": {"batch_sizes": ["median=10"]}},
-                                        "certify.batch_sizes.0: 'median=10': a user's method takes certify.batch_size"),
+    "a batch size of no method": ({"certify": {"batch_sizes": ["ddpm=10"]}},
+                                  "certify.batch_sizes.0: 'ddpm=10' names no method (known: gaussian, dds, mdds, rrcm, median)"),
 }
 
 
