@@ -42,9 +42,16 @@ def test_every_section_runs_on_the_cpu_and_prints_one_table(digits_results, tmp_
     assert [r[2] for r in rows if r[0] == "| throughput"][:5] != ["skipped"] * 5
     assert by_item["digits gaussian fp32"][2].endswith("draws/s"), text
     assert by_item["digits gaussian bf16 compiled"][2].endswith("draws/s")
-    ratio = by_item["digits rRCM : DDS latency (fp32)"][2]
-    rates = {m: float(by_item[f"digits {m} fp32"][2].split()[0]) for m in ("rrcm", "dds")}
-    assert float(ratio[:-1]) == pytest.approx(rates["rrcm"] / rates["dds"], rel=0.01)
+    # the config's methods with a preset builder, mdds once as dds's network
+    assert "same network as dds" in by_item["digits mdds"][2] and "digits mdds fp32" not in by_item, text
+    for prec in ("fp32", "bf16"):
+        rates = {m: float(by_item[f"digits {m} {prec}"][2].split()[0]) for m in ("gaussian", "dds", "rrcm")}
+        latency = by_item[f"digits latency relative to the fastest ({prec})"]
+        ratios = dict(entry.rsplit(" ", 1) for entry in latency[2].split(", "))
+        assert set(ratios) == {f"digits {m}" for m in rates}, latency
+        for m, rate in rates.items():
+            assert float(ratios[f"digits {m}"][:-1]) == pytest.approx(max(rates.values()) / rate, rel=0.01)
+        assert "1x" in ratios.values() and "85x" in latency[3]
     assert {f"digits {s}" for s in gpucheck.STAGES} <= set(by_item)
     assert all(by_item[f"digits {s}"][2] == "ran (no CUDA memory)" for s in gpucheck.STAGES), text
     assert by_item["gaussian sigma 0.5"][2] == "3/3 predictions agree"      # the CPU against itself

@@ -324,6 +324,26 @@ def test_cli_imports_and_reports_errors_in_one_line(tmp_path, capsys):
     assert len(err) == 1 and "model file not found" in err[0] and "nope.tar" in err[0]
 
 
+@pytest.mark.parametrize("role, sigma, has_head, method, at", [
+    ("classifier", 0.25, True, "gaussian", "0.25"),     # Cohen et al.'s classifier, at its sigma
+    ("classifier", None, True, "dds", "SIGMA"),         # a clean classifier: behind the denoiser
+    ("classifier", 0.0, True, "dds", "SIGMA"),
+    ("denoiser", None, True, "dds", "SIGMA"),
+    ("denoiser", 0.5, True, "dds", "SIGMA"),            # one denoiser serves every sigma
+    ("rrcm", 1.0, True, "rrcm", "1"),
+    ("rrcm", None, True, "rrcm", "SIGMA"),
+    ("rrcm", None, False, "", ""),                      # an encoder before fine-tuning: not certified
+    ("unknown_role", 0.25, True, "", ""),
+])
+def test_the_printed_certify_command_follows_the_method_registry(role, sigma, has_head, method, at):
+    from rcm.importers import certify_command
+
+    command = certify_command(role, "m.pt", "cifar10", sigma, has_head)
+    expected = (f"rcm certify --dataset cifar10 --method {method} --sigma {at} --model {role}=m.pt"
+                if method else "")
+    assert command == expected
+
+
 # ----------------------------------------------------------------------------- rRCM
 
 RRCM = json.loads((FIXTURES / "rrcm_reference_outputs.json").read_text())

@@ -266,20 +266,41 @@ def add_arguments(p) -> None:
     add_option_arguments(p)
 
 
+def _reads(method, role: str, sigma: float) -> tuple[bool, bool]:
+    """(does ``method`` read a model of ``role``, is that one model per sigma): from its file names at
+    ``sigma`` and at another sigma (under a placeholder results root)."""
+    here, there = (method.files(s, "RESULTS", "DATASET") for s in (sigma, 2 * sigma))
+    return role in here, role in here and here[role] != there.get(role)
+
+
 def certify_command(role: str, out: str, dataset: str, sigma: float | None, has_head: bool = True) -> str:
     """The `rcm certify` command that certifies with what `rcm import-model` wrote (its --model entry);
-    '' for a model that is not certified on its own (an rRCM encoder before fine-tuning)."""
+    '' for a model that is not certified on its own (one with no classification head: an rRCM encoder
+    before fine-tuning) or that no built-in method reads.
+
+    The method is the first of ``rcm.methods.BUILTIN`` (in order) whose files include a model of
+    ``role``: for a model trained at a noise level (sigma > 0), first one that reads one such model
+    per sigma (Cohen et al.'s classifier, a fine-tuned rRCM classifier), certified at that sigma; for
+    one with sigma 0 or none given, first one that reads one such model for every sigma (the clean
+    classifier or the denoiser behind dds; the other files come from the results root), at any SIGMA;
+    failing that, the first that reads the role at all."""
+    from rcm import methods
+
+    if not has_head:
+        return ""
     data = f"--dataset {dataset or 'DATASET'}"
     s = "SIGMA" if sigma is None else f"{sigma:g}"
-    if role == "classifier" and (sigma or 0) > 0:
-        return f"rcm certify {data} --method gaussian --sigma {s} --model classifier={out}"
-    if role == "classifier":   # the clean classifier behind dds: the denoiser comes from the results root
-        return f"rcm certify {data} --method dds --sigma SIGMA --model classifier={out}"
-    if role == "denoiser":
-        return f"rcm certify {data} --method dds --sigma SIGMA --model denoiser={out}"
-    if role == "rrcm" and has_head:
-        return f"rcm certify {data} --method rrcm --sigma {s} --model rrcm={out}"
-    return ""
+    trained_at_sigma = (sigma or 0) > 0
+    probe = sigma if trained_at_sigma else 0.5
+    readers = []                                    # (method, one model of the role per sigma)
+    for m in methods.BUILTIN:
+        reads, per_sigma = _reads(m, role, probe)
+        if reads:
+            readers.append((m, per_sigma))
+    if not readers:
+        return ""
+    method, per_sigma = next((r for r in readers if r[1] == trained_at_sigma), readers[0])
+    return f"rcm certify {data} --method {method.name} --sigma {s if per_sigma else 'SIGMA'} --model {role}={out}"
 
 
 def add_option_arguments(p) -> None:
