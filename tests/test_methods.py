@@ -309,3 +309,38 @@ def test_register_takes_a_callable_with_the_same_checks(digits_results, user_mod
     methods.register("bad", base_classifier=lambda sigma, models, device: "a model", models={"net": "n_{sigma}.pt"})
     with pytest.raises(ConfigError, match=r"^method 'bad': its base_classifier returned str, not an nn.Module$"):
         certify_shard(method="bad", **common)
+
+
+# ------------------------------------------------------------------------------ names only in the registry
+
+# Where a built-in method's name may stand as a string literal in rcm/: the registry itself, and, for
+# "rrcm" only, the places where it names something else that rRCM brought: the checkpoint kind and
+# import format of its networks, the file role its entry reads, the headerless log format of the
+# authors' certify script, and rRCM's own training and import modules.
+NAME_LITERALS_ALLOWED = {
+    "rcm/methods.py": {"gaussian", "dds", "mdds", "rrcm"},
+    "rcm/models/__init__.py": {"rrcm"},        # model kind and its role
+    "rcm/models/factory.py": {"rrcm"},         # the role rrcm's builder reads (files["rrcm"])
+    "rcm/importers/__init__.py": {"rrcm"},     # import format, and the role of what it writes
+    "rcm/importers/stage.py": {"rrcm"},        # the role of an imported encoder
+    "rcm/bench.py": {"rrcm"},                  # a checkpoint of kind rrcm
+    "rcm/certificate.py": {"rrcm"},            # the rRCM authors' headerless log format
+    "rcm/train/rrcm_pretrain.py": {"rrcm"},
+    "rcm/train/rrcm_finetune.py": {"rrcm"},
+}
+
+
+def test_no_code_outside_the_registry_branches_on_a_built_in_methods_name():
+    """`grep '"gaussian"\\|"rrcm"\\|"mdds"\\|"dds"'` over rcm/ finds the names in the registry and, for
+    rrcm, only as a checkpoint kind, format or role (NAME_LITERALS_ALLOWED says which files and why):
+    the planner, the GPU check, the workflow's helpers and the factory read the registry instead."""
+    import re
+
+    found = {}
+    for path in sorted((REPO / "rcm").rglob("*.py")):
+        rel = path.relative_to(REPO).as_posix()
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            for name in re.findall(r"[\"'](gaussian|dds|mdds|rrcm)[\"']", line):
+                if name not in NAME_LITERALS_ALLOWED.get(rel, set()):
+                    found.setdefault(rel, []).append(f"{lineno}: {line.strip()}")
+    assert not found, found

@@ -64,6 +64,13 @@ def test_imported_models_replace_training_in_both_dags(imports_repo):
     assert rules == ["certify", "certify", "certify", "import_classifier", "import_classifier", "import_denoiser",
                      "import_rrcm_classifier", "prepare", "report"], rules   # no training, no rRCM pretraining
     sources = {j.outputs[0].rsplit("/", 1)[1]: set(j.inputs) for j in jobs if j.rule.startswith("import_")}
+    # rcm.stages (the config checks, rcm plan) derives the same import jobs, each from its source
+    from rcm import stages as model_table
+
+    needed = model_table.needed(yaml.safe_load((imports_repo / "config/config.yaml").read_text()))
+    assert {(j.rule, str(j.path)) for j in needed} == {(j.rule, j.outputs[0]) for j in jobs
+                                                        if j.rule.startswith("import_")}
+    assert all(j.source in sources[j.path.name] for j in needed)
     assert CLEAN in sources["classifier_sigma_0.0.pt"] and NOISY in sources["classifier_sigma_0.25.pt"]
     assert DDPM in sources["denoiser.pt"] and RRCM_FT in sources["rrcm_sigma_0.25.pt"]
     stages = {frozenset(s.outs): s for s in dvc_stages(imports_repo)}
