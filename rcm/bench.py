@@ -72,6 +72,9 @@ def _model(args, device) -> tuple[nn.Module, str, int, tuple[int, ...]]:
         if not args.method:
             raise ConfigError("--config needs --method: which method's base classifier to build")
         cfg = presets.load_config(args.config)
+        from rcm import methods
+
+        methods.register_config(cfg.get("custom_methods") or {})   # a user's method, with its preset
         model, text = presets.base_classifier(cfg, args.method, args.sigma)
         c, size, classes = presets.image_shape(cfg)
         return (model, f"{args.method} at sigma={args.sigma} under {' + '.join(args.config)}: {text} "

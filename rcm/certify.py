@@ -144,8 +144,8 @@ def batch_size_of(method: str, o: CertifyOptions, say=None) -> int:
     sizes = batch_sizes(o)
     unknown = [m for m in sizes if m not in methods.names()]
     if unknown and say is not None:
-        say(f"batch_sizes: {', '.join(unknown)} is no method registered in this process (a user's method is "
-            f"registered only in its own jobs); {method} certifies with "
+        say(f"batch_sizes: {', '.join(unknown)}: {'no method' if len(unknown) == 1 else 'no methods'} registered "
+            f"in this process (a user's method is registered only in its own jobs); {method} certifies with "
             f"{'its entry' if method in sizes else 'batch_size'}, {sizes.get(method, o.batch_size)}")
     return sizes.get(method, o.batch_size)
 

@@ -283,13 +283,10 @@ def certified_network(cfg: dict, method: str, sigma: float) -> nn.Module:
 
 
 def _all_meta(model: nn.Module) -> nn.Module:
-    """``model`` with the buffers a builder made on the CPU on purpose (a schedule read while it is
-    built, as a Denoiser's) moved to the meta device, like everything else."""
-    for module in model.modules():
-        for name, buf in module._buffers.items():
-            if buf is not None and buf.device.type != "meta":
-                module._buffers[name] = buf.to("meta")
-    return model
+    """``model`` with every parameter and buffer on the meta device, those a builder made on the CPU on
+    purpose too (a schedule read while it is built, as a Denoiser's). Plain tensor attributes stay
+    where they are (a Denoiser's float64 noise ratios, read by t* alone)."""
+    return model.to("meta")
 
 
 def _rrcm_net(cfg: dict, classes: bool):
@@ -630,11 +627,21 @@ def jobs(cfg: dict) -> list[dict]:
     out = [dict(rule=job.stage.rule, section=job.stage.section, method=None, sigma=job.sigma, jobs=1)
            for job in stages.needed(cfg) if job.trains]
     shards = cfg["certify"]["shards"]
-    out += [dict(rule="certify", section="certify", method=m, sigma=s, jobs=shards) for m in methods for s in sigmas]
-    out += [dict(rule="certify_cascade", section="certify", method=c["method"], sigma="cascade", jobs=shards,
-                 stages=[float(s) for s in c["flags"]["sigmas"]]) for c in cfg["cascades"]]
-    out += [dict(rule="certify_sequential", section="certify", method=m, sigma=s, jobs=shards)
+    custom = set(cfg.get("custom_methods") or {})
+
+    def rule(m: str, kind: str = "") -> str:      # a user's method certifies in the certify_custom* rules
+        return f"certify{'_custom' if m in custom else ''}{kind}"
+
+    def cascade(c: dict, kind: str) -> dict:
+        return dict(rule=rule(c["method"], kind), section="certify", method=c["method"], sigma="cascade",
+                    jobs=shards, stages=[float(s) for s in c["flags"]["sigmas"]])
+
+    out += [dict(rule=rule(m), section="certify", method=m, sigma=s, jobs=shards) for m in methods for s in sigmas]
+    out += [cascade(c, "_cascade") for c in cfg["cascades"]]
+    out += [dict(rule=rule(m, "_sequential"), section="certify", method=m, sigma=s, jobs=shards)
             for m in seq for s in sigmas]
+    # a sequential job draws at most what its fixed-n twin draws: planned as that bound
+    out += [cascade(c, "_cascade_sequential") for c in cfg.get("sequential_cascades", [])]
     return out
 
 
@@ -738,13 +745,23 @@ def _plannable_methods(cfg: dict, notes: list[str]) -> dict:
     methods.register_config(cfg.get("custom_methods") or {})
     every = stages.certified_methods(cfg)
     left = [m for m in every if m in methods.names() and not methods.get(m).preset]
+    for m in every:                                # a user's preset that cannot be traced: left out, said why
+        if m in methods.names() and methods.get(m).preset and not methods.get(m).builtin:
+            try:
+                certified_network(cfg, m, float(cfg["sigmas"][0]))
+            except Exception as exc:  # noqa: BLE001 - the user's code: any failure is reported, not raised
+                problem = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+                notes.append(f"not planned: {m} (custom_methods.{m}.preset failed on the meta device: {problem})")
+                left.append(m)
     commands = [f"train_{m}_{role}" for m in every if m in methods.names() for role in methods.get(m).train]
     if commands:
         notes.append(f"not planned: {', '.join(commands)} (a user's method's own train command)")
     if not left:
         return cfg
-    notes.append(f"not planned: {', '.join(left)} (a user's method: give its custom_methods entry a preset, "
-                 "MODULE:ATTR building its base classifier from (cfg, sigma), for rcm plan to trace it)")
+    bare = [m for m in left if not methods.get(m).preset]
+    if bare:
+        notes.append(f"not planned: {', '.join(bare)} (a user's method: give its custom_methods entry a preset, "
+                     "MODULE:ATTR building its base classifier from (cfg, sigma), for rcm plan to trace it)")
     keep = lambda m: m not in left  # noqa: E731
     return {**cfg, "methods": [m for m in cfg["methods"] if keep(m)],
             "sequential_methods": [m for m in cfg.get("sequential_methods", []) if keep(m)],
@@ -848,6 +865,13 @@ def _validate(cfg: dict, files) -> None:
         where = ".".join(map(str, e.absolute_path)) or "(top level)"
         raise ConfigError(f"{' + '.join(map(str, files))} does not validate: {where}: {e.message}"
                           + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
+    from rcm import methods
+
+    known = [*(m.name for m in methods.BUILTIN), *(cfg.get("custom_methods") or {})]
+    for i, entry in enumerate(cfg.get("certify", {}).get("batch_sizes", [])):   # rcm certify only logs these
+        if entry.partition("=")[0] not in known:
+            raise ConfigError(f"{' + '.join(map(str, files))} does not validate: certify.batch_sizes.{i}: '{entry}' "
+                              f"names no method (known: {', '.join(known)})")
 
 
 def _train_row(cfg, job, amp, float32, dev: Rates, cache) -> dict:
@@ -874,12 +898,10 @@ def _certify_row(cfg, job, amp, float32, dev: Rates, shape, cache) -> dict:
     method, batch = job["method"], certify_batch(cfg, job["method"])
     n0, n = c["n0"], c["n"]
     sigmas = job.get("stages") or [job["sigma"]]
-    from rcm import methods
-
-    conditioned = methods.get(method).sigma_conditioned
 
     def cost(s, b):
-        key = ("certify", method, None if conditioned else s, b, amp)   # one network for every sigma, or one each
+        # per sigma: one model file for every sigma need not be one network (a denoiser's t*, a filter's width)
+        key = ("certify", method, s, b, amp)
         if key not in cache:
             cache[key] = certify_estimate(certified_network(cfg, method, float(s)), shape, b, amp,
                                           "cpu" if dev.name == "cpu" else "cuda")

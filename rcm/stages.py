@@ -12,6 +12,7 @@ This module imports no torch: Snakemake reads it while the workflow is parsed.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -44,6 +45,8 @@ class Stage:
 
         sec = cfg[self.section]
         if self.per_sigma and sigma:
+            if paths.fmt_sigma(sigma) not in {paths.fmt_sigma(s) for s in cfg["sigmas"]}:
+                return ""                        # the workflow imports the configured sigmas' entries only
             wellformed = []
             for entry in sec.get("pretrained_noisy", []):
                 try:
@@ -90,14 +93,19 @@ class Job:
         return self.stage.rule if self.trains else self.stage.import_rule
 
 
-def made_by(path: str | Path, results: str | Path, dataset: str, sigmas) -> tuple[Stage, float | None] | None:
-    """The (stage, sigma) whose output is ``path``, trying each of ``sigmas`` and 0; None when no
-    stage makes it (a user's own file)."""
+def made_by(path: str | Path, results: str | Path, dataset: str) -> tuple[Stage, float | None] | None:
+    """The (stage, sigma) whose output is ``path`` (a per-sigma stage's at the sigma its name spells,
+    whether or not the config lists it); None when no stage makes it (a user's own file)."""
     path = Path(path)
     for stage in STAGES:
-        for s in ([0.0, *sigmas] if stage.per_sigma else [None]):
-            if stage.output(results, dataset, s) == path:
-                return stage, s
+        if not stage.per_sigma:
+            if stage.output(results, dataset, None) == path:
+                return stage, None
+            continue
+        pattern = re.escape(Path(stage.output(results, dataset, "{sigma}")).as_posix())
+        hit = re.fullmatch(pattern.replace(re.escape("{sigma}"), r"(\d+\.\d+)"), path.as_posix())
+        if hit:
+            return stage, float(hit.group(1))
     return None
 
 
@@ -131,8 +139,8 @@ def needed(cfg: dict) -> list[Job]:
     """The model files of the config's DAG that a stage makes: those its methods read and those their
     training reads, each once, in the order of STAGES then sigma. A file imported from a
     ``pretrained`` source needs nothing more."""
-    results, dataset, sigmas = cfg["results"], cfg["dataset"], [float(s) for s in cfg["sigmas"]]
-    todo = [hit for _, f in method_files(cfg) if (hit := made_by(f, results, dataset, sigmas))]
+    results, dataset = cfg["results"], cfg["dataset"]
+    todo = [hit for _, f in method_files(cfg) if (hit := made_by(f, results, dataset))]
     seen: dict[tuple[str, float | None], Job] = {}
     while todo:
         stage, sigma = todo.pop()

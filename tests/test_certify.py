@@ -83,7 +83,7 @@ def test_a_batch_size_of_a_method_this_job_does_not_know_is_said_and_not_used(di
     path = certify_shard(dataset="digits", results=str(digits_results), method="gaussian", sigma="0.5",
                          shard=0, o=o, progress=False)
     assert set(read_certificate(path).batch_size) == {20}
-    assert "certify: batch_sizes: mine is no method registered in this process" in capsys.readouterr().err
+    assert "certify: batch_sizes: mine: no method registered in this process" in capsys.readouterr().err
     o = CertifyOptions(n0=10, n=50, batch_size=25, batch_sizes=["mine=3"], skip=90)
     path = certify_shard(dataset="digits", results=str(digits_results), method="dds", sigma="0.5",
                          shard=0, o=o, progress=False)

@@ -55,7 +55,7 @@ def test_json_has_the_documented_fields():
                                           if row["rule"] == "certify" and row["method"] == method))
 
 
-def test_a_users_method_is_planned_by_its_preset_and_left_out_without_one(tmp_path):
+def test_a_users_method_is_planned_by_its_preset_and_left_out_without_one(tmp_path, monkeypatch):
     """A custom_methods entry with a preset (the example's median filter in front of the clean
     classifier) is traced like a built-in: its certification FLOPs per draw are at least the clean
     classifier's and far below dds's (the same classifier behind a UNet); without a preset it is left out with a note naming it, and so are the train
@@ -65,8 +65,8 @@ def test_a_users_method_is_planned_by_its_preset_and_left_out_without_one(tmp_pa
     cfg = presets.load_config(DEFAULT + [str(ROOT / "examples/custom_method/config.yaml")])
     cfg["sigmas"], cfg["cascades"], cfg["sequential_methods"], cfg["sequential_cascades"] = [0.5], [], [], []
     result = plan.plan_config(cfg, DEFAULT, "h100-80gb")
-    rows = {(r["rule"], r["method"]): r for r in result.rows if r["rule"] == "certify"}
-    median, dds = rows[("certify", "median")], rows[("certify", "dds")]
+    rows = {(r["rule"], r["method"]): r for r in result.rows}
+    median, dds = rows[("certify_custom", "median")], rows[("certify", "dds")]   # the rules that run them
     clean = plan.certify_estimate(plan.certified_network(cfg, "gaussian", 0.5), (1, 8, 8), 1, "off", "cpu")
     assert median["flops_per_draw"] >= clean.flops and median["flops_per_draw"] < dds["flops_per_draw"]
     assert not any("not planned" in n for n in result.notes)
@@ -77,6 +77,14 @@ def test_a_users_method_is_planned_by_its_preset_and_left_out_without_one(tmp_pa
     assert any(n.startswith("not planned: median (a user's method: give its custom_methods entry a preset")
                for n in result.notes)
     assert any(n.startswith("not planned: train_median_classifier") for n in result.notes)
+    # a preset that cannot be traced leaves the method out with its error, not the plan (nor the run) down
+    (tmp_path / "brokenpreset.py").write_text("def preset(cfg, sigma):\n    raise RuntimeError('no meta kernel')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    broken = {**cfg, "custom_methods": {"median": {**spec, "preset": "brokenpreset:preset"}}}
+    result = plan.plan_config(broken, DEFAULT, "h100-80gb")
+    assert "median" not in {r["method"] for r in result.rows} and "dds" in {r["method"] for r in result.rows}
+    assert any(n.startswith("not planned: median (custom_methods.median.preset failed on the meta device: RuntimeError: "
+                            "no meta kernel)") for n in result.notes), result.notes
     methods.unregister("median")
 
 

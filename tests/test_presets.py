@@ -55,6 +55,24 @@ def test_bench_flops_only_prints_the_preset_figures(capsys):
     assert flops == pytest.approx(2 * 12 * (12 * d * d * t + 2 * t * t * d), rel=0.05)
 
 
+def test_bench_measures_a_users_method_by_its_preset(capsys, monkeypatch):
+    """`rcm bench certify --config … --method median`: the config's own method is registered from its
+    custom_methods entry and built by its preset (the median filter in front of the CIFAR-10 preset's
+    classifier); the filter adds no FLOPs the counter knows, so the count is the classifier's."""
+    from rcm import methods
+
+    monkeypatch.chdir(REPO)               # the example's module imports from the working directory
+    files = [str(REPO / "config/cifar10.yaml"), str(REPO / "examples/custom_method/config.yaml")]
+    assert cli(["bench", "certify", "--config", *files, "--method", "median", "--sigma", "0.5", "--flops_only"]) == 0
+    out = capsys.readouterr().out
+    assert "5x5 median filter + " in out
+    median = float(re.search(r"FLOPs per sample\s*: ([0-9.e+]+)", out).group(1))
+    methods.unregister("median")
+    assert cli(["bench", "certify", "--config", files[0], "--method", "gaussian", "--sigma", "0.5", "--flops_only"]) == 0
+    clean = float(re.search(r"FLOPs per sample\s*: ([0-9.e+]+)", capsys.readouterr().out).group(1))
+    assert median == pytest.approx(clean, rel=1e-6)
+
+
 def test_bad_preset_inputs_are_named(tmp_path, capsys):
     with pytest.raises(ConfigError, match="config file not found"):
         presets.load_config([tmp_path / "nope.yaml"])

@@ -739,6 +739,13 @@ BAD_CONFIGS = {
     "custom train command without {output}": (
         _custom(train="python -m mypkg.train --sigma {sigma}"),
         "custom_methods.mine.train: 'python -m mypkg.train --sigma {sigma}' has no {output}"),
+    "custom train command for a file a rule makes": (
+        _custom(net="{results}/{dataset}/models/classifier_sigma_{sigma}.pt", train="{python} -m mypkg {output}"),
+        "custom_methods.mine.train: '{results}/{dataset}/models/classifier_sigma_{sigma}.pt' is a file the "
+        "workflow's rule train_classifier makes"),
+    "a batch size naming no method": ({"certify": {"batch_sizes": ["my_net2=10"]}},
+                                      "certify.batch_sizes.0: 'my_net2=10' names no method"),
+    "a batch size of zero": ({"certify": {"batch_sizes": ["dds=0"]}}, "certify.batch_sizes.0: 'dds=0' does not match"),
     "a method nobody defined": ({"methods": ["gaussian", "dds", "mdds", "mine"]},
                                 "methods.3: 'mine' is no method"),
     "a batch size of no method": ({"certify": {"batch_sizes": ["ddpm=10"]}},
