@@ -55,6 +55,7 @@ class Method:
     builtin: bool = False
     templates: dict[str, str] = field(default_factory=dict)   # a custom method's model path templates
     train: dict[str, str] = field(default_factory=dict)       # a custom method's train command per role
+    train_gpus: int = 0                                       # GPUs each of its train jobs asks for
 
     @property
     def stream(self) -> str:
@@ -205,7 +206,7 @@ def _fields(template: str, where: str, allowed: set[str]) -> set[str]:
 
 def custom(name: str, *, base_classifier: str | Callable, models: dict[str, str],
            sigma_conditioned: bool = False, noise: str = "", train: str | dict[str, str] = "",
-           preset: str = "", where: str = "") -> Method:
+           preset: str = "", train_gpus: int = 0, where: str = "") -> Method:
     """A user's method, validated: each problem raises ConfigError in one line naming the key
     (``where`` is the key's prefix, e.g. ``custom_methods.mine``)."""
     where = where or f"method '{name}'"
@@ -241,6 +242,10 @@ def custom(name: str, *, base_classifier: str | Callable, models: dict[str, str]
         if "output" not in _fields(command, key, TRAIN_PLACEHOLDERS):
             raise ConfigError(f"{key}: '{command}' has no {{output}}: the command must write the file it is "
                               "given there")
+    if not isinstance(train_gpus, int) or isinstance(train_gpus, bool) or train_gpus < 0:
+        raise ConfigError(f"{where}.train_gpus: a number of GPUs >= 0, got {train_gpus!r}")
+    if train_gpus and not commands:
+        raise ConfigError(f"{where}.train_gpus: {train_gpus}, but '{name}' has no train command to run on them")
     if preset:
         if not isinstance(preset, str):
             raise ConfigError(f"{where}.preset: MODULE:ATTR of a function (cfg, sigma) -> (model, text)")
@@ -260,7 +265,7 @@ def custom(name: str, *, base_classifier: str | Callable, models: dict[str, str]
     builder = base_classifier if isinstance(base_classifier, str) else fn   # the spec, for flags and docs
     return Method(name, files_at, builder, sigma_conditioned=sigma_conditioned, noise=noise or "",
                   makers={role: "train_custom" if role in commands else "(expected)" for role in models},
-                  templates=templates, train=commands, preset=preset)
+                  templates=templates, train=commands, preset=preset, train_gpus=train_gpus)
 
 
 def register(name: str, *, base_classifier: str | Callable, models: dict[str, str],
@@ -304,7 +309,7 @@ def from_config(section: dict, prefix: str = "custom_methods") -> dict[str, Meth
     return out
 
 
-SPEC_KEYS = ("base_classifier", "models", "sigma_conditioned", "noise", "train", "preset")
+SPEC_KEYS = ("base_classifier", "models", "sigma_conditioned", "noise", "train", "preset", "train_gpus")
 
 
 def register_config(section: dict) -> dict[str, Method]:

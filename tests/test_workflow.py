@@ -155,6 +155,7 @@ class Job:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     shell: str
+    resources: str = ""
 
 
 _BLOCK = re.compile(r"^(?:local)?rule (\w+):\n(.*?)(?=^\[|^(?:local)?rule \w+:|^Job stats|\Z)",
@@ -169,7 +170,9 @@ def parse_jobs(text: str) -> list[Job]:
         field = lambda key: re.search(rf"^\s+{key}: (.*)$", body, re.M)  # noqa: E731
         files = lambda key: tuple(field(key).group(1).split(", ")) if field(key) else ()  # noqa: E731
         shell = re.search(r"^Shell command: (.*)$", body, re.M)
-        jobs.append(Job(m.group(1), files("input"), files("output"), shell.group(1) if shell else ""))
+        resources = field("resources")
+        jobs.append(Job(m.group(1), files("input"), files("output"), shell.group(1) if shell else "",
+                        resources.group(1) if resources else ""))
     return jobs
 
 
@@ -494,7 +497,8 @@ def test_a_sequential_method_certifies_its_cascade_sequentially(fresh, tmp_path)
 
 
 MINE = {"base_classifier": "examples.custom_method.method:build", "models": {"net": "models/mine_sigma_{sigma}.pt"},
-        "train": "{python} -c 'import sys; open(sys.argv[1], \"w\").write(sys.argv[2])' {output} {sigma}"}
+        "train": "{python} -c 'import sys; open(sys.argv[1], \"w\").write(sys.argv[2])' {output} {sigma}",
+        "train_gpus": 2}
 
 
 def test_a_custom_method_trains_certifies_cascades_and_runs_sequentially(tmp_path):
@@ -514,6 +518,10 @@ def test_a_custom_method_trains_certifies_cascades_and_runs_sequentially(tmp_pat
     train = sorted((j for j in jobs if j.rule == "train_mine_net"), key=lambda j: j.outputs)
     assert [j.outputs for j in train] == [("models/mine_sigma_0.25.pt",), ("models/mine_sigma_0.5.pt",)]
     assert train[0].shell.startswith(f"({sys.executable} -c 'import sys; open(sys.argv[1], \"w\")")
+    # train_gpus: the job asks for them, with the host share per GPU, as a built-in stage's gpus
+    host = cfg["host"]
+    assert {"gpu=2", "nodes=1", f"cpus_per_gpu={host['cpus_per_gpu']}",
+            f"mem_mb={2 * host['mem_mb_per_gpu']}"} <= set(train[0].resources.split(", ")), train[0].resources
     assert train[0].shell.endswith(f" models/mine_sigma_0.25.pt 0.25) > {TINY}/digits/logs/train_mine/net_sigma_0.25.log 2>&1")
     # the job runs the command as written, {output} and {sigma} filled in
     r = snakemake(repo, "--cores", "1", "models/mine_sigma_0.5.pt", "--configfile", mine)
@@ -743,6 +751,8 @@ BAD_CONFIGS = {
         _custom(net="{results}/{dataset}/models/classifier_sigma_{sigma}.pt", train="{python} -m mypkg {output}"),
         "custom_methods.mine.train: '{results}/{dataset}/models/classifier_sigma_{sigma}.pt' is a file the "
         "workflow's rule train_classifier makes"),
+    "custom train GPUs without a train command": (_custom(train_gpus=1),
+                                                 "custom_methods.mine.train_gpus: 1, but 'mine' has no train command"),
     "a batch size naming no method": ({"certify": {"batch_sizes": ["my_net2=10"]}},
                                       "certify.batch_sizes.0: 'my_net2=10' names no method"),
     "a batch size of zero": ({"certify": {"batch_sizes": ["dds=0"]}}, "certify.batch_sizes.0: 'dds=0' does not match"),

@@ -387,7 +387,11 @@ def gpu_resources(section: str) -> dict:
     """A stage's job resources: its GPUs on one node, or `nodes` nodes of them (sbatch --gres=gpu:N per
     node, one task per node), with `host.cpus_per_gpu` CPUs and `host.mem_mb_per_gpu` of memory per GPU
     (a CPU-only job: one share)."""
-    gpus, nodes = GPUS[section], NODES[section]
+    return job_resources(GPUS[section], NODES[section])
+
+
+def job_resources(gpus: int, nodes: int = 1) -> dict:
+    """The resources of a job of `gpus` GPUs on each of `nodes` nodes (gpu_resources)."""
     mem = lambda wildcards, attempt: max(1, gpus) * HOST["mem_mb_per_gpu"]  # noqa: E731
     if nodes > 1:
         return dict(nodes=nodes, gres=f"gpu:{gpus}", mpi="srun", tasks=nodes, tasks_per_gpu=0,

@@ -1,7 +1,9 @@
 # The model files of a user's method (config `custom_methods`) that it says how to make: one job per
 # (method, role[, sigma]) running its `train` command, with {output}, {sigma} and {python} (the
 # interpreter running Snakemake) filled in. A file without a `train` command is expected to exist (or to
-# be made by a built-in rule, such as the clean classifier). Certifying them: rules/certify.smk.
+# be made by a built-in rule, such as the clean classifier). Each asks for the method's `train_gpus` GPUs
+# (0 by default) with the `host` share per GPU, as a built-in stage's `gpus`. Certifying them:
+# rules/certify.smk.
 
 
 def _train_command(command: str):
@@ -24,5 +26,7 @@ for _name, _method in CUSTOM.items():
             log:
                 log(f"train_{_name}", f"{_role}_sigma_{{sigma}}" if _per_sigma else _role),
             threads: 1
+            resources:
+                **job_resources(_method.train_gpus),
             shell:
                 "({params.command}) > {log} 2>&1"
