@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from rcm import methods
+from rcm import stages as model_table
 from rcm.errors import ConfigError
 
 MARKER = "  # ---- custom_methods: written by `rcm dvc` from the config; edit the config, not these lines ----"
@@ -54,6 +55,9 @@ def stages(cfg: dict, certify_code: list[str]) -> str:
     custom = methods.from_config(cfg.get("custom_methods") or {})
     if not custom:
         return ""
+    problems = model_table.custom_file_errors(cfg, custom)
+    if problems:
+        raise ConfigError(problems[0])
     for i, c in enumerate(cfg.get("cascades") or []):
         if c.get("method") in custom:
             raise ConfigError(f"cascades.{i}.method: dvc.yaml's certify-cascade stage cannot pass a user's "
@@ -98,11 +102,16 @@ def stages(cfg: dict, certify_code: list[str]) -> str:
                 "    params:",
                 "      - config/config.yaml:",
                 "          - certify",
-                "          - custom_methods",
+                # what its --custom_* flags carry, not preset or train_gpus (they change no certificate)
+                *(f"          - custom_methods.{name}.{key}" for key in CERTIFY_KEYS
+                  if key in cfg["custom_methods"][name]),
                 "    outs:",
                 f"      - ${{results}}/${{dataset}}/certify/{name}/sigma_${{item.sigma}}/shard_${{item.shard}}-of-${{certify.shards}}.tsv",
                 ""]
     return "\n".join(out)
+
+
+CERTIFY_KEYS = ("base_classifier", "models", "sigma_conditioned", "noise")   # those rcm certify is given
 
 
 def _scalar(text: str) -> str:

@@ -717,7 +717,7 @@ class Plan:
             by_stage[r["rule"]] = by_stage.get(r["rule"], 0.0) + r["device_hours"]
         by_method: dict[str, float] = {}             # fixed-n certification over the same sigmas
         for r in self.rows:
-            if r["rule"] == "certify":
+            if r["rule"] in ("certify", "certify_custom"):
                 by_method[r["method"]] = by_method.get(r["method"], 0.0) + r["device_hours"]
         return {"device": self.device, "config": self.config, "rules": self.rows,
                 "stage_device_hours": by_stage, "total_device_hours": self.total_device_hours,
@@ -739,29 +739,20 @@ def make_plan(files: list[str], device: str = "a100-80gb", precision: str | None
 def _plannable_methods(cfg: dict, notes: list[str]) -> dict:
     """``cfg`` without the methods whose networks the plan cannot build (rcm.methods: a method without
     a ``preset`` builder, as a user's method is unless its entry names one), and without the train
-    commands of users' methods; a note names what is left out."""
+    commands of users' methods; a note names what is left out. (A user's preset that fails while it
+    is traced leaves its method out of the plan too: plan_config.)"""
     from rcm import methods, stages
 
     methods.register_config(cfg.get("custom_methods") or {})
     every = stages.certified_methods(cfg)
     left = [m for m in every if m in methods.names() and not methods.get(m).preset]
-    for m in every:                                # a user's preset that cannot be traced: left out, said why
-        if m in methods.names() and methods.get(m).preset and not methods.get(m).builtin:
-            try:
-                certified_network(cfg, m, float(cfg["sigmas"][0]))
-            except Exception as exc:  # noqa: BLE001 - the user's code: any failure is reported, not raised
-                problem = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
-                notes.append(f"not planned: {m} (custom_methods.{m}.preset failed on the meta device: {problem})")
-                left.append(m)
     commands = [f"train_{m}_{role}" for m in every if m in methods.names() for role in methods.get(m).train]
     if commands:
         notes.append(f"not planned: {', '.join(commands)} (a user's method's own train command)")
     if not left:
         return cfg
-    bare = [m for m in left if not methods.get(m).preset]
-    if bare:
-        notes.append(f"not planned: {', '.join(bare)} (a user's method: give its custom_methods entry a preset, "
-                     "MODULE:ATTR building its base classifier from (cfg, sigma), for rcm plan to trace it)")
+    notes.append(f"not planned: {', '.join(left)} (a user's method: give its custom_methods entry a preset, "
+                 "MODULE:ATTR building its base classifier from (cfg, sigma), for rcm plan to trace it)")
     keep = lambda m: m not in left  # noqa: E731
     return {**cfg, "methods": [m for m in cfg["methods"] if keep(m)],
             "sequential_methods": [m for m in cfg.get("sequential_methods", []) if keep(m)],
@@ -784,6 +775,7 @@ def plan_config(cfg: dict, files: list[str], device: str = "a100-80gb", precisio
     limits_min, attempts = _slurm_runtime(Path(profile))
     limits = gpu_limits(cfg)
     rows = []
+    custom, failed = set(cfg.get("custom_methods") or {}), set()
     c, size, _ = presets.image_shape(cfg)
     cache: dict = {}
     cal = calibration if device != "cpu" else (calibration or calibrate_cpu())
@@ -798,8 +790,19 @@ def plan_config(cfg: dict, files: list[str], device: str = "a100-80gb", precisio
                 notes.append(n)
         row = dict(rule=job["rule"], section=section, method=job["method"], sigma=job["sigma"], jobs=job["jobs"],
                    precision=amp if amp != "off" else float32)
+        if section == "certify" and job["method"] in failed:
+            continue
         if section == "certify":
-            row.update(_certify_row(cfg, job, amp, float32, dev, (c, size, size), cache))
+            try:
+                row.update(_certify_row(cfg, job, amp, float32, dev, (c, size, size), cache))
+            except Exception as exc:  # noqa: BLE001 - a user's preset: any failure is a note, not a crash
+                if job["method"] not in custom:
+                    raise
+                failed.add(job["method"])
+                problem = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+                notes.append(f"not planned: {job['method']} (custom_methods.{job['method']}.preset could not be "
+                             f"traced on the meta device at sigma {job['sigma']}: {problem})")
+                continue
         else:
             row.update(_train_row(cfg, job, amp, float32, dev, cache))
         limit = limits.get(section)
@@ -819,6 +822,7 @@ def plan_config(cfg: dict, files: list[str], device: str = "a100-80gb", precisio
             row["advice"] = advice(cfg, section, row.pop("_estimate"), memory, job["method"])
         row.pop("_estimate", None)
         rows.append(row)
+    rows = [r for r in rows if r["method"] not in failed]   # a user's method is planned whole or not at all
     if device != "cpu":
         tf32 = sorted({r["rule"] for r in rows if r["precision"] == "tf32"})
         notes.append(f"float32 on {device}: IEEE float32 (rcm sets both TF32 switches off, rcm.precision."
@@ -867,11 +871,14 @@ def _validate(cfg: dict, files) -> None:
                           + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
     from rcm import methods
 
-    known = [*(m.name for m in methods.BUILTIN), *(cfg.get("custom_methods") or {})]
+    known, named = [*(m.name for m in methods.BUILTIN), *(cfg.get("custom_methods") or {})], set()
     for i, entry in enumerate(cfg.get("certify", {}).get("batch_sizes", [])):   # rcm certify only logs these
-        if entry.partition("=")[0] not in known:
+        method = entry.partition("=")[0]
+        if method not in known or method in named:
+            problem = f"names no method (known: {', '.join(known)})" if method not in known else "repeats a method"
             raise ConfigError(f"{' + '.join(map(str, files))} does not validate: certify.batch_sizes.{i}: '{entry}' "
-                              f"names no method (known: {', '.join(known)})")
+                              + problem)
+        named.add(method)
 
 
 def _train_row(cfg, job, amp, float32, dev: Rates, cache) -> dict:
@@ -924,14 +931,19 @@ def _certify_row(cfg, job, amp, float32, dev: Rates, shape, cache) -> dict:
                flops_per_draw=flops_per_draw / len(sigmas), flops_per_image=flops_per_draw * draws,
                seconds_per_image=per_image, peak_memory_gb=peak.peak / 1e9,
                memory_parts_gb={k: v / 1e9 for k, v in peak.parts.items()}, _estimate=peak)
-    if job["rule"] == "certify_cascade":
+    cascade, sequential = "_cascade" in job["rule"], job["rule"].endswith("_sequential")   # built-in or custom
+    if cascade:
         row["stages"] = len(sigmas)
+    if cascade and not sequential:
         row["typical_seconds_per_image"] = per_image * TYPICAL_CASCADE_STAGE_FRACTION
         row["note"] = f"bound: all {len(sigmas)} stages per image; typical from the default run's measured 1.66 of 3"
-    if job["rule"] == "certify_sequential":
+    if sequential and not cascade:
         row["typical_seconds_per_image"] = per_image * TYPICAL_SEQUENTIAL_DRAW_FRACTION
         row["note"] = ("bound: n_max = certify.n draws per image; typical from the default run's measured 16% "
                        "of n_max (rcm bench-sequential)")
+    if sequential and cascade:
+        row["note"] = (f"bound: all {len(sigmas)} stages per image, n_max = certify.n draws each; no typical "
+                       "figure measured")
     wall = per_image * images / 3600
     row.update(flops=row["flops_per_image"] * images * job["jobs"], wall_hours_per_job=wall,
                device_hours=wall * job["jobs"])

@@ -93,9 +93,8 @@ class Job:
         return self.stage.rule if self.trains else self.stage.import_rule
 
 
-def made_by(path: str | Path, results: str | Path, dataset: str) -> tuple[Stage, float | None] | None:
-    """The (stage, sigma) whose output is ``path`` (a per-sigma stage's at the sigma its name spells,
-    whether or not the config lists it); None when no stage makes it (a user's own file)."""
+def _spelled(path: str | Path, results: str | Path, dataset: str) -> tuple[Stage, str | None] | None:
+    """The stage whose output ``path`` is, with the sigma as the name spells it (None: one output)."""
     path = Path(path)
     for stage in STAGES:
         if not stage.per_sigma:
@@ -105,8 +104,40 @@ def made_by(path: str | Path, results: str | Path, dataset: str) -> tuple[Stage,
         pattern = re.escape(Path(stage.output(results, dataset, "{sigma}")).as_posix())
         hit = re.fullmatch(pattern.replace(re.escape("{sigma}"), r"(\d+\.\d+)"), path.as_posix())
         if hit:
-            return stage, float(hit.group(1))
+            return stage, hit.group(1)
     return None
+
+
+def made_by(path: str | Path, results: str | Path, dataset: str) -> tuple[Stage, float | None] | None:
+    """The (stage, sigma) whose output is ``path`` (a per-sigma stage's at the sigma its name spells,
+    whether or not the config lists it); None when no stage makes it (a user's own file, or a sigma
+    spelled otherwise than rcm writes it, which :func:`custom_file_errors` refuses)."""
+    hit = _spelled(path, results, dataset)
+    if hit is None or hit[1] is None:
+        return hit
+    stage, text = hit
+    return (stage, float(text)) if paths.fmt_sigma(float(text)) == text else None
+
+
+def custom_file_errors(cfg: dict, custom: dict) -> list[str]:
+    """One line per problem with the files of users' methods (``custom``: name -> rcm.methods.Method)
+    that only the stages can see: a file a workflow rule makes given a ``train`` command of its own (two
+    rules would make it), or named with a sigma spelled otherwise than rcm writes it (``0.50``: the rule
+    would write ``0.5``)."""
+    lines, results, dataset = [], cfg["results"], cfg["dataset"]
+    for name, method in custom.items():
+        for role, template in method.templates.items():
+            for s in cfg["sigmas"]:
+                hit = _spelled(method.files(s, results, dataset)[role], results, dataset)
+                if hit and hit[1] is not None and paths.fmt_sigma(float(hit[1])) != hit[1]:
+                    lines.append(f"custom_methods.{name}.models.{role}: '{template}' names {hit[0].rule}'s file "
+                                 f"with sigma {hit[1]}; rcm writes it {paths.fmt_sigma(float(hit[1]))}")
+                    break
+                if hit and role in method.train:
+                    lines.append(f"custom_methods.{name}.train: '{template}' is a file the workflow's rule "
+                                 f"{hit[0].rule} makes; give role '{role}' no train command (that rule makes it)")
+                    break
+    return lines
 
 
 def certified_methods(cfg: dict) -> list[str]:

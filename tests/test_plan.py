@@ -70,6 +70,9 @@ def test_a_users_method_is_planned_by_its_preset_and_left_out_without_one(tmp_pa
     clean = plan.certify_estimate(plan.certified_network(cfg, "gaussian", 0.5), (1, 8, 8), 1, "off", "cpu")
     assert median["flops_per_draw"] >= clean.flops and median["flops_per_draw"] < dds["flops_per_draw"]
     assert not any("not planned" in n for n in result.notes)
+    hours = result.as_json()["certification_device_hours"]
+    assert set(hours) == {"gaussian", "dds", "mdds", "rrcm", "median"}
+    assert hours["median"] == pytest.approx(median["device_hours"])
     spec = {k: v for k, v in cfg["custom_methods"]["median"].items() if k != "preset"}
     bare = {**cfg, "custom_methods": {"median": {**spec, "train": "{python} -m mypkg {output}"}}}
     result = plan.plan_config(bare, DEFAULT, "h100-80gb")
@@ -77,14 +80,28 @@ def test_a_users_method_is_planned_by_its_preset_and_left_out_without_one(tmp_pa
     assert any(n.startswith("not planned: median (a user's method: give its custom_methods entry a preset")
                for n in result.notes)
     assert any(n.startswith("not planned: train_median_classifier") for n in result.notes)
-    # a preset that cannot be traced leaves the method out with its error, not the plan (nor the run) down
-    (tmp_path / "brokenpreset.py").write_text("def preset(cfg, sigma):\n    raise RuntimeError('no meta kernel')\n")
+    # a preset that cannot be traced (while it builds, in its forward pass, at one sigma only) leaves the
+    # method out with its error, not the plan (nor the workflow's memory check) down
+    (tmp_path / "brokenpreset.py").write_text(
+        "import torch\n"
+        "class ToNumpy(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        return torch.as_tensor(x.cpu().numpy()).flatten(1)[:, :10]\n"
+        "def building(cfg, sigma):\n    raise RuntimeError('no meta kernel')\n"
+        "def forward(cfg, sigma):\n    return ToNumpy(), 'numpy inside'\n"
+        "def one_sigma(cfg, sigma):\n"
+        "    if sigma > 0.3:\n        raise ValueError('not at this sigma')\n"
+        "    from examples.custom_method.method import preset\n    return preset(cfg, sigma)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    broken = {**cfg, "custom_methods": {"median": {**spec, "preset": "brokenpreset:preset"}}}
-    result = plan.plan_config(broken, DEFAULT, "h100-80gb")
-    assert "median" not in {r["method"] for r in result.rows} and "dds" in {r["method"] for r in result.rows}
-    assert any(n.startswith("not planned: median (custom_methods.median.preset failed on the meta device: RuntimeError: "
-                            "no meta kernel)") for n in result.notes), result.notes
+    for attr, problem in [("building", "at sigma 0.25: RuntimeError: no meta kernel)"),
+                          ("forward", "at sigma 0.25: NotImplementedError: "),
+                          ("one_sigma", "at sigma 0.5: ValueError: not at this sigma)")]:
+        broken = {**cfg, "sigmas": [0.25, 0.5],
+                  "custom_methods": {"median": {**spec, "preset": f"brokenpreset:{attr}"}}}
+        result = plan.plan_config(broken, DEFAULT, "h100-80gb")
+        assert "median" not in {r["method"] for r in result.rows} and "dds" in {r["method"] for r in result.rows}
+        assert any(n.startswith("not planned: median (custom_methods.median.preset could not be traced on the meta "
+                                "device ") and problem in n for n in result.notes), (attr, result.notes)
     methods.unregister("median")
 
 
@@ -335,3 +352,14 @@ def test_a_real_run_prints_the_plan_first_and_a_dry_run_does_not(tmp_path):
                           cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert real.returncode == 0, real.stderr[-2000:]
     assert real.stdout.splitlines()[0].startswith("rcm plan on a100-80gb: "), real.stdout[:500]
+
+
+def test_plan_check_refuses_batch_sizes_naming_no_method():
+    """`rcm plan --check` (DVC's first stage) names a certify.batch_sizes entry that no method of the
+    config has, and a repeated one: `rcm certify` itself only logs an entry for a method it does not know."""
+    cfg = presets.load_config(DEFAULT + [str(ROOT / "examples/custom_method/config.yaml")])
+    for entries, problem in ((["median=50", "ddpm=10"], "certify.batch_sizes.1: 'ddpm=10' names no method"),
+                             (["dds=5", "dds=6"], "certify.batch_sizes.1: 'dds=6' repeats a method")):
+        with pytest.raises(ConfigError, match=re.escape(problem)):
+            plan._validate({**cfg, "certify": {**cfg["certify"], "batch_sizes": entries}}, DEFAULT)
+    plan._validate({**cfg, "certify": {**cfg["certify"], "batch_sizes": ["median=50"]}}, DEFAULT)

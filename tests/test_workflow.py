@@ -518,10 +518,15 @@ def test_a_custom_method_trains_certifies_cascades_and_runs_sequentially(tmp_pat
     train = sorted((j for j in jobs if j.rule == "train_mine_net"), key=lambda j: j.outputs)
     assert [j.outputs for j in train] == [("models/mine_sigma_0.25.pt",), ("models/mine_sigma_0.5.pt",)]
     assert train[0].shell.startswith(f"({sys.executable} -c 'import sys; open(sys.argv[1], \"w\")")
-    # train_gpus: the job asks for them, with the host share per GPU, as a built-in stage's gpus
+    # train_gpus: the job asks for them, with the host share per GPU, as a built-in stage's gpus; with
+    # none, it sees none
     host = cfg["host"]
     assert {"gpu=2", "nodes=1", f"cpus_per_gpu={host['cpus_per_gpu']}",
             f"mem_mb={2 * host['mem_mb_per_gpu']}"} <= set(train[0].resources.split(", ")), train[0].resources
+    no_gpus = overlay(tmp_path, "no_gpus", {**data, "custom_methods": {"mine": {
+        k: v for k, v in MINE.items() if k != "train_gpus"}}})
+    cpu = next(j for j in dry_run(repo, "--configfile", no_gpus) if j.rule == "train_mine_net")
+    assert cpu.shell.startswith(f"(export CUDA_VISIBLE_DEVICES=; {sys.executable} -c ") and "gpu=0" in cpu.resources
     assert train[0].shell.endswith(f" models/mine_sigma_0.25.pt 0.25) > {TINY}/digits/logs/train_mine/net_sigma_0.25.log 2>&1")
     # the job runs the command as written, {output} and {sigma} filled in
     r = snakemake(repo, "--cores", "1", "models/mine_sigma_0.5.pt", "--configfile", mine)
@@ -751,6 +756,10 @@ BAD_CONFIGS = {
         _custom(net="{results}/{dataset}/models/classifier_sigma_{sigma}.pt", train="{python} -m mypkg {output}"),
         "custom_methods.mine.train: '{results}/{dataset}/models/classifier_sigma_{sigma}.pt' is a file the "
         "workflow's rule train_classifier makes"),
+    "a built-in's file with a sigma rcm does not write": (
+        _custom(net="{results}/{dataset}/models/classifier_sigma_0.50.pt", sigma_conditioned=True),
+        "custom_methods.mine.models.net: '{results}/{dataset}/models/classifier_sigma_0.50.pt' names "
+        "train_classifier's file with sigma 0.50; rcm writes it 0.5"),
     "custom train GPUs without a train command": (_custom(train_gpus=1),
                                                  "custom_methods.mine.train_gpus: 1, but 'mine' has no train command"),
     "a batch size naming no method": ({"certify": {"batch_sizes": ["my_net2=10"]}},
@@ -989,6 +998,20 @@ def test_added_sigma_runs_only_its_jobs(tiny_run, tmp_path):
     assert changed == {"train-classifier@1.0", "finetune-rrcm@1.0"} | {
         f"certify-{m}@1.0-{k}" for m in ("gaussian", "dds", "mdds", "rrcm", "median") for k in (0, 1)} | {
         f"certify-sequential@{m}-1.0-{k}" for m in ("gaussian", "mdds") for k in (0, 1)}
+
+
+@pytest.mark.slow
+def test_a_users_method_reruns_for_what_its_certificates_depend_on(tiny_run, tmp_path):
+    """Dropping the example's `preset` (read by rcm plan alone) reruns nothing in either tool; sharing
+    another method's noise streams reruns exactly that method's certification in both."""
+    repo = clone(tiny_run.path, tmp_path / "repo")
+    _edit_config(repo, lambda c: c["custom_methods"]["median"].pop("preset"))
+    r = subprocess.run([sys.executable, "-m", "rcm", "dvc", "--check"], cwd=repo, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr      # dvc.yaml's stages of median do not name it
+    assert dry_run(repo) == [] and dvc_changed(repo) == set()
+    _edit_config(repo, lambda c: c["custom_methods"]["median"].update(noise="gaussian"))
+    assert {j.rule for j in dry_run(repo)} == {"certify_custom", "report"}
+    assert dvc_changed(repo) == {f"certify-median@{s}-{k}" for s in ("0.25", "0.5") for k in (0, 1)}
 
 
 @pytest.mark.slow

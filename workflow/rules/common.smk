@@ -103,15 +103,7 @@ def _method_errors(cfg: dict) -> list[str]:
     except RcmConfigError as exc:
         return [str(exc)]
     lines, known = [], methods.names()
-    for name in cfg.get("custom_methods") or {}:   # a train command for a file a workflow rule makes
-        m = methods.get(name)
-        for role in m.train:
-            for s in cfg["sigmas"]:
-                made = stages.made_by(m.files(s, cfg["results"], cfg["dataset"])[role], cfg["results"], cfg["dataset"])
-                if made:
-                    lines.append(f"custom_methods.{name}.train: '{m.templates[role]}' is a file the workflow's rule "
-                                 f"{made[0].rule} makes; give role '{role}' no train command (that rule makes it)")
-                    break
+    lines += stages.custom_file_errors(cfg, {name: methods.get(name) for name in cfg.get("custom_methods") or {}})
     named = [(f"methods.{i}", m) for i, m in enumerate(cfg["methods"])]
     named += [(f"sequential_methods.{i}", m) for i, m in enumerate(cfg["sequential_methods"])]
     named += [(f"cascades.{i}.method", c["method"]) for i, c in enumerate(cfg["cascades"])]

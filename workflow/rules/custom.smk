@@ -2,8 +2,8 @@
 # (method, role[, sigma]) running its `train` command, with {output}, {sigma} and {python} (the
 # interpreter running Snakemake) filled in. A file without a `train` command is expected to exist (or to
 # be made by a built-in rule, such as the clean classifier). Each asks for the method's `train_gpus` GPUs
-# (0 by default) with the `host` share per GPU, as a built-in stage's `gpus`. Certifying them:
-# rules/certify.smk.
+# (0 by default) with the `host` share per GPU, as a built-in stage's `gpus`; with 0 it sees no GPU.
+# Certifying them: rules/certify.smk.
 
 
 def _train_command(command: str):
@@ -29,4 +29,6 @@ for _name, _method in CUSTOM.items():
             resources:
                 **job_resources(_method.train_gpus),
             shell:
-                "({params.command}) > {log} 2>&1"
+                # no GPU it did not ask for (as a built-in stage with 0 GPUs and device auto)
+                ("(export CUDA_VISIBLE_DEVICES=; " if _method.train_gpus == 0 else "(")
+                + "{params.command}) > {log} 2>&1"
