@@ -191,15 +191,6 @@ def _row_batch(check: Check, net, shape, classes: int, sigma: float, configured:
     return configured if per_draw * configured <= 1.0 else max(probe, min(configured, int(1.0 / per_draw)))
 
 
-def certified_methods(cfg: dict) -> list[str]:
-    """The methods a config certifies, in order and once each: ``methods``, then ``sequential_methods``
-    and the methods of ``cascades`` and ``sequential_cascades``."""
-    names = list(cfg.get("methods") or []) + list(cfg.get("sequential_methods") or [])
-    names += [c.get("method") for key in ("cascades", "sequential_cascades") for c in cfg.get(key) or []
-              if isinstance(c, dict)]
-    return list(dict.fromkeys(str(n) for n in names if n))
-
-
 LATENCY_NOTE = ("seconds per draw of each (preset, method) over the fastest's ({fastest}), from the rows above; "
                 "the quotient of two entries is their latency ratio (the rRCM paper claims about 85x between "
                 "DDS and rRCM at ImageNet: imagenet+dds dds against imagenet rrcm)")
@@ -208,6 +199,7 @@ LATENCY_NOTE = ("seconds per draw of each (preset, method) over the fastest's ({
 def section_throughput(check: Check) -> None:
     from rcm import methods as registry
     from rcm import presets
+    from rcm.stages import certified_methods
     from rcm.certify import CertifyOptions, batch_size_of
     from rcm.precision import FixedBatch, set_float32, wrap
 

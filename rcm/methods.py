@@ -180,16 +180,32 @@ def source_file(method: Method) -> str:
         return ""
 
 
-def check_signature(fn: Callable, where: str) -> None:
-    """``fn`` must accept (sigma, models, device) positionally."""
+def check_signature(fn: Callable, where: str, args: tuple = (0.25, {}, "cpu"),
+                    takes: str = "(sigma, models, device)") -> None:
+    """``fn`` must accept ``args`` positionally (a builder's by default; a preset's: ``({}, 0.25)``)."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return                                     # a builtin without a signature: trust it
     try:
-        sig.bind(0.25, {}, "cpu")
+        sig.bind(*args)
     except TypeError:
-        raise ConfigError(f"{where}: {getattr(fn, '__name__', fn)}{sig} must take (sigma, models, device)") from None
+        raise ConfigError(f"{where}: {getattr(fn, '__name__', fn)}{sig} must take {takes}") from None
+
+
+def batch_size_errors(entries: list[str], known) -> list[str]:
+    """One line per ``certify.batch_sizes`` entry that names no method of ``known``, or one named
+    before it (the workflow's check and ``rcm plan --check``; ``rcm certify`` itself only logs an entry
+    for a method it does not know)."""
+    lines, named = [], set()
+    for i, entry in enumerate(entries):
+        method = entry.partition("=")[0]
+        if method not in known:
+            lines.append(f"certify.batch_sizes.{i}: '{entry}' names no method (known: {', '.join(known)})")
+        elif method in named:
+            lines.append(f"certify.batch_sizes.{i}: '{entry}' repeats a method: '{method}' is given a batch size twice")
+        named.add(method)
+    return lines
 
 
 def _fields(template: str, where: str, allowed: set[str]) -> set[str]:
@@ -249,13 +265,7 @@ def custom(name: str, *, base_classifier: str | Callable, models: dict[str, str]
     if preset:
         if not isinstance(preset, str):
             raise ConfigError(f"{where}.preset: MODULE:ATTR of a function (cfg, sigma) -> (model, text)")
-        built = resolve(preset, f"{where}.preset")
-        try:
-            inspect.signature(built).bind({}, 0.25)
-        except TypeError:
-            raise ConfigError(f"{where}.preset: {preset} must take (cfg, sigma)") from None
-        except ValueError:
-            pass                                   # no signature to read: trust it
+        check_signature(resolve(preset, f"{where}.preset"), f"{where}.preset", ({}, 0.25), "(cfg, sigma)")
     templates = dict(models)
 
     def files_at(sigma, results, dataset):

@@ -43,7 +43,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
-from rcm import paths
 from rcm.errors import ConfigError
 from rcm.plan_devices import DEVICES, PRECISIONS, device as device_info
 
@@ -871,14 +870,10 @@ def _validate(cfg: dict, files) -> None:
                           + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
     from rcm import methods
 
-    known, named = [*(m.name for m in methods.BUILTIN), *(cfg.get("custom_methods") or {})], set()
-    for i, entry in enumerate(cfg.get("certify", {}).get("batch_sizes", [])):   # rcm certify only logs these
-        method = entry.partition("=")[0]
-        if method not in known or method in named:
-            problem = f"names no method (known: {', '.join(known)})" if method not in known else "repeats a method"
-            raise ConfigError(f"{' + '.join(map(str, files))} does not validate: certify.batch_sizes.{i}: '{entry}' "
-                              + problem)
-        named.add(method)
+    known = [*(m.name for m in methods.BUILTIN), *(cfg.get("custom_methods") or {})]
+    problems = methods.batch_size_errors(cfg.get("certify", {}).get("batch_sizes", []), known)
+    if problems:
+        raise ConfigError(f"{' + '.join(map(str, files))} does not validate: {problems[0]}")
 
 
 def _train_row(cfg, job, amp, float32, dev: Rates, cache) -> dict:

@@ -43,20 +43,29 @@ class Stage:
             return ""
         from rcm.importers import is_placeholder, noisy_sources, parse_noisy_entry
 
-        sec = cfg[self.section]
         if self.per_sigma and sigma:
-            if paths.fmt_sigma(sigma) not in {paths.fmt_sigma(s) for s in cfg["sigmas"]}:
-                return ""                        # the workflow imports the configured sigmas' entries only
-            wellformed = []
-            for entry in sec.get("pretrained_noisy", []):
-                try:
-                    parse_noisy_entry(entry)
-                except ConfigError:
-                    continue                     # the workflow's checks name a malformed entry
-                wellformed.append(entry)
-            return noisy_sources(wellformed).get(paths.fmt_sigma(sigma), "")
-        source = sec.get("pretrained", "")
+            return noisy_imports(cfg, self.section).get(paths.fmt_sigma(sigma), "")
+        from rcm.importers import is_placeholder
+
+        source = cfg[self.section].get("pretrained", "")
         return "" if is_placeholder(source) else source
+
+
+def noisy_imports(cfg: dict, section: str) -> dict[str, str]:
+    """A section's ``pretrained_noisy`` sources by sigma text: the well-formed entries for the configured
+    sigmas (what the workflow imports; its checks name a malformed entry and say which are ignored)."""
+    from rcm.importers import noisy_sources, parse_noisy_entry
+
+    def wellformed(entry: str) -> bool:
+        try:
+            parse_noisy_entry(entry)
+        except ConfigError:
+            return False
+        return True
+
+    sigmas = {paths.fmt_sigma(s) for s in cfg["sigmas"]}
+    entries = [e for e in cfg[section].get("pretrained_noisy", []) if wellformed(e)]
+    return {s: src for s, src in noisy_sources(entries).items() if s in sigmas}
 
 
 STAGES = (
@@ -147,9 +156,9 @@ def certified_methods(cfg: dict) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def method_files(cfg: dict) -> list[tuple[str, Path]]:
-    """(method, file) of every model file the config's methods read at its sigmas (a user's method
-    from the config's ``custom_methods``, validated, when it is not registered)."""
+def method_files(cfg: dict) -> list[Path]:
+    """Every model file the config's methods read at its sigmas (a user's method from the config's
+    ``custom_methods``, validated, when it is not registered)."""
     from rcm import methods
 
     try:
@@ -162,7 +171,7 @@ def method_files(cfg: dict) -> list[tuple[str, Path]]:
             continue                             # no method of that name: named by the checks too
         method = custom.get(name) or methods.get(name)
         for s in cfg["sigmas"]:
-            out += [(name, f) for f in method.files(float(s), cfg["results"], cfg["dataset"]).values()]
+            out += method.files(float(s), cfg["results"], cfg["dataset"]).values()
     return out
 
 
@@ -171,7 +180,7 @@ def needed(cfg: dict) -> list[Job]:
     training reads, each once, in the order of STAGES then sigma. A file imported from a
     ``pretrained`` source needs nothing more."""
     results, dataset = cfg["results"], cfg["dataset"]
-    todo = [hit for _, f in method_files(cfg) if (hit := made_by(f, results, dataset))]
+    todo = [hit for f in method_files(cfg) if (hit := made_by(f, results, dataset))]
     seen: dict[tuple[str, float | None], Job] = {}
     while todo:
         stage, sigma = todo.pop()

@@ -11,7 +11,7 @@ import yaml
 from snakemake.utils import update_config
 
 from rcm import methods, paths, stages
-from rcm.importers import check_source, denoiser_format, is_placeholder, noisy_sources, parse_noisy_entry
+from rcm.importers import check_source, denoiser_format, is_placeholder, parse_noisy_entry
 from rcm.errors import ConfigError as RcmConfigError
 from rcm.paths import parse_baseline
 
@@ -63,14 +63,8 @@ def _semantic_errors(cfg: dict) -> list[str]:
     if cfg["shard_ids"] != list(range(shards)):
         lines.append(f"shard_ids: must list 0 .. certify.shards - 1 = {list(range(shards))} "
                      f"(dvc.yaml iterates over it), got {cfg['shard_ids']}")
-    named = set()
-    for i, entry in enumerate(cfg["certify"]["batch_sizes"]):
-        method = entry.partition("=")[0]
-        if method not in methods.names():   # custom_methods are registered by now (_method_errors)
-            lines.append(f"certify.batch_sizes.{i}: '{entry}' names no method (known: {', '.join(methods.names())})")
-        elif method in named:
-            lines.append(f"certify.batch_sizes.{i}: '{method}' is given a batch size twice")
-        named.add(method)
+    # custom_methods are registered by now (_method_errors)
+    lines += methods.batch_size_errors(cfg["certify"]["batch_sizes"], methods.names())
     seen = set()
     for i, c in enumerate(cfg["cascades"]):
         if c["method"] not in cfg["methods"]:
@@ -204,14 +198,6 @@ def something_trains(cfg: dict) -> bool:
     return any(methods.get(name).train for name in custom if name in methods.names())
 
 
-def _noisy(cfg: dict, section: str) -> dict[str, str]:
-    """A section's well-formed pretrained_noisy entries for the configured sigmas (the malformed ones are
-    _noisy_errors'; entries for other sigmas are ignored, and said so once)."""
-    entries = cfg[section]["pretrained_noisy"]
-    sigmas = {paths.fmt_sigma(s) for s in cfg["sigmas"]}
-    return {s: src for s, src in noisy_sources([e for e in entries if not _entry_error(e)]).items() if s in sigmas}
-
-
 def _entry_error(entry: str) -> str:
     try:
         parse_noisy_entry(entry)
@@ -323,10 +309,10 @@ BASELINE_FILES = [str(parse_baseline(item)[1]) for item in config["report"]["bas
 IMPORTED_CLASSIFIERS = {
     **({paths.fmt_sigma(0.0): config["classifier"]["pretrained"]}
        if not is_placeholder(config["classifier"]["pretrained"]) else {}),
-    **_noisy(config, "classifier"),
+    **stages.noisy_imports(config, "classifier"),
 }
 IMPORTED_DENOISER = "" if is_placeholder(config["denoiser"]["pretrained"]) else config["denoiser"]["pretrained"]
-IMPORTED_RRCM_CLASSIFIERS = _noisy(config, "rrcm_finetune")
+IMPORTED_RRCM_CLASSIFIERS = stages.noisy_imports(config, "rrcm_finetune")
 IMPORTED_RRCM = "" if is_placeholder(config["rrcm_pretrain"]["pretrained"]) else config["rrcm_pretrain"]["pretrained"]
 
 
